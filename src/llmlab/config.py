@@ -1,0 +1,119 @@
+"""Model configuration: one dataclass for the three families, with presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+ARCHS = ("gpt", "bert", "seq2seq")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+POSITIONS = ("learned", "rope", "sinusoidal")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and options of a transformer. Every default runs on a 2-core CPU."""
+
+    arch: str = "gpt"  # gpt (decoder-only) | bert (encoder-only) | seq2seq (encoder-decoder)
+    vocab_size: int = 65
+    block_size: int = 256  # longest sequence (positions)
+    n_layer: int = 4  # decoder layers for gpt, encoder layers for bert and seq2seq
+    n_dec_layer: int = 4  # decoder layers of seq2seq
+    n_head: int = 4
+    n_embd: int = 128
+    n_inner: int | None = None  # feed-forward width; None = 4 * n_embd
+    dropout: float = 0.0
+    bias: bool = True
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu"
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    prenorm: bool = True  # pre-LN (GPT-2) or post-LN (BERT, the 2017 paper)
+    final_norm: bool = True  # a norm after the last block (pre-LN needs it; nn.Transformer adds it)
+    tie_embeddings: bool = True
+    type_vocab_size: int = 0  # BERT token types (segments)
+    n_classes: int = 0  # BERT: >0 adds a sequence-classification head
+    mlm_head: bool = False  # BERT: masked-language-model head
+    pooler: bool = False  # BERT: tanh pooler over [CLS]
+    pad_token_id: int = 0
+    scale_embeddings: bool = False  # seq2seq: multiply embeddings by sqrt(n_embd), as in the paper
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. where it was imported from)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner(self) -> int:
+        return self.n_inner if self.n_inner else 4 * self.n_embd
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field and how to fix it."""
+        for name, allowed in (("arch", ARCHS), ("norm", NORMS), ("activation", ACTIVATIONS),
+                              ("position", POSITIONS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                f"choose a width that is a multiple of the head count "
+                f"(e.g. {self.n_head * max(1, self.n_embd // self.n_head)})")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rotary positions need an even head size, got {self.head_dim}; change n_embd or n_head")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a dict, rejecting unknown keys with the list of valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown model config key(s) {', '.join(unknown)}; "
+                              f"valid keys: {', '.join(sorted(names))}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"bad model config: {e}") from None
+
+    def replace(self, **kw: Any) -> ModelConfig:
+        return ModelConfig.from_dict({**self.to_dict(), **kw})
+
+
+def gpt2_config(**kw: Any) -> ModelConfig:
+    """GPT-2 (Radford et al. 2019): pre-LN, learned positions, tanh-GELU, tied embeddings, biases."""
+    base = dict(arch="gpt", vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768,
+                norm="layernorm", norm_eps=1e-5, activation="gelu_tanh", position="learned", prenorm=True,
+                final_norm=True, tie_embeddings=True, bias=True)
+    return ModelConfig(**{**base, **kw})
+
+
+def bert_config(**kw: Any) -> ModelConfig:
+    """BERT (Devlin et al. 2019): post-LN encoder, learned positions, token types, erf-GELU, eps 1e-12."""
+    base = dict(arch="bert", vocab_size=30522, block_size=512, n_layer=12, n_head=12, n_embd=768,
+                norm="layernorm", norm_eps=1e-12, activation="gelu", position="learned", prenorm=False,
+                final_norm=False, type_vocab_size=2, bias=True, pad_token_id=0)
+    return ModelConfig(**{**base, **kw})
+
+
+def transformer2017_config(**kw: Any) -> ModelConfig:
+    """The 2017 Transformer: post-LN encoder-decoder, sinusoidal positions, ReLU, scaled embeddings."""
+    base = dict(arch="seq2seq", vocab_size=1000, block_size=512, n_layer=6, n_dec_layer=6, n_head=8,
+                n_embd=512, n_inner=2048, norm="layernorm", norm_eps=1e-5, activation="relu",
+                position="sinusoidal", prenorm=False, final_norm=False, tie_embeddings=True,
+                scale_embeddings=True, bias=True)
+    return ModelConfig(**{**base, **kw})

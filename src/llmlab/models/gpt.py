@@ -1,0 +1,95 @@
+"""Decoder-only GPT: token (+ position) embeddings, a stack of causal blocks, a language-model head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..attention import KVCache, RotaryEmbedding
+from ..blocks import Block, make_norm
+from ..config import ModelConfig
+
+
+def init_weights(model: nn.Module, n_layer: int) -> None:
+    """GPT-2 initialisation: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2L)."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+
+
+def padding_attention_mask(attention_mask: torch.Tensor, t_q: int) -> torch.Tensor:
+    """Additive mask (B, 1, Tq, Tk) hiding padded keys; a padded query still sees itself, so no row is
+    empty (its output is ignored anyway). attention_mask: (B, Tk), 1 = token, 0 = padding."""
+    t_k = attention_mask.size(1)
+    real = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Tk)
+    own = torch.arange(t_k, device=attention_mask.device)[None, :] == \
+        torch.arange(t_k - t_q, t_k, device=attention_mask.device)[:, None]  # (Tq, Tk)
+    allowed = real | own[None, None]
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer language model. model(ids (B, T)) -> logits (B, T, V)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.position == "rope" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg, rotary=rotary) for _ in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg) if cfg.final_norm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.n_layer)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.tokenizer = None  # set by llmlab.load
+
+    def new_caches(self) -> list[KVCache]:
+        """Empty per-layer KV caches for incremental decoding."""
+        return [KVCache() for _ in self.h]
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, C) of ids — what `inputs_embeds` replaces for gradient-based attacks."""
+        return self.wte(idx)
+
+    def forward(
+        self,
+        idx: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        weights: dict[str, list[torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T) or input embeddings (B, T, C).
+
+        attention_mask (B, T_past + T): 1 = real token, 0 = padding (left padding for batched
+        generation); positions then count real tokens only. caches: from new_caches(), extended in
+        place. weights: a dict that receives the attention maps (see Block.forward).
+        """
+        x = self.embed(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        past = caches[0].length if caches else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=x.device)
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the context ({self.config.block_size})")
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        x = self.drop(x)
+        mask = padding_attention_mask(attention_mask, T) if attention_mask is not None else None
+        for i, block in enumerate(self.h):
+            x = block(x, mask=mask, is_causal=True, positions=position_ids,
+                      cache=caches[i] if caches else None, weights=weights)
+        return self.lm_head(self.ln_f(x))
