@@ -1,0 +1,239 @@
+"""The `llmlab` command: one verb per task, each a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import LlmlabError
+
+AddArgs = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+VERBS: dict[str, tuple[AddArgs, Run, str]] = {}
+
+
+def verb(name: str, help: str, add_args: AddArgs) -> Callable[[Run], Run]:
+    """Register a verb: its one-line help, the function adding its arguments, and its run function."""
+
+    def deco(fn: Run) -> Run:
+        VERBS[name] = (add_args, fn, help)
+        return fn
+
+    return deco
+
+
+def console(stderr: bool = False):  # noqa: ANN201
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _attention_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sentence", help="the text to look at")
+    p.add_argument("--model", default="minilm", help="minilm (default), an llmlab run folder or a Hugging Face folder")
+    p.add_argument("--query", help="the word whose attention to show (e.g. woke)")
+    p.add_argument("--key", help="rank the heads by how much the query attends to this word (e.g. cat)")
+    p.add_argument("--head", help="LAYER.HEAD to draw large (default: the best head for --key)")
+    p.add_argument("--no-special", action="store_true", help="leave out [CLS], [SEP] and other special tokens")
+    p.add_argument("--top", type=int, default=5, help="how many keys / heads to list (default 5)")
+    p.add_argument("--target", help="seq2seq models: the target text whose cross-attention to show")
+    p.add_argument("--out", default="runs/attention", help="folder for the PNG files (default runs/attention)")
+    p.add_argument("--json", action="store_true", help='print {"tokens": [...], "weights": [layer][head][q][k]}')
+
+
+@verb("attention", "show which tokens a word attends to, in every layer and head", _attention_args)
+def cmd_attention(a: argparse.Namespace) -> int:
+    from . import lens, viz
+    from .interop import load
+
+    model = load(a.model)
+    maps = lens.compute_attention(model, a.sentence, target=a.target)
+    if a.json:
+        print(json.dumps(maps.to_json()))
+        return 0
+    out = Path(a.out)
+    c = console()
+    c.print(f"[bold]{maps.n_layers} layers x {maps.n_heads} heads[/] over {len(maps.tokens)} tokens: "
+            + " ".join(maps.tokens))
+    head = _parse_head(a.head, maps) if a.head else None
+    if a.query:
+        q = a.query
+        rows = lens.top_keys(maps, q, k=a.top, skip_special=a.no_special)
+        c.print(f"\n[bold]'{q}' attends most to[/] (mean over every layer and head"
+                + (", special tokens left out" if a.no_special else "") + "):")
+        for _, t, w in rows:
+            c.print(f"  {t:>14s}  {w:.3f}  {'#' * int(round(w * 40))}")
+        c.print(f"\n[bold]per head[/] (top {min(3, a.top)} keys):")
+        for layer in range(maps.n_layers):
+            for h in range(maps.n_heads):
+                best = lens.top_keys(maps, q, k=min(3, a.top), skip_special=a.no_special, layer=layer, head=h)
+                c.print(f"  L{layer}.H{h:<2d} " + "  ".join(f"{t}:{w:.2f}" for _, t, w in best))
+        if a.key:
+            ranked = lens.rank_heads(maps, q, a.key, skip_special=a.no_special)
+            c.print(f"\n[bold]heads where '{q}' attends most to '{a.key}'[/]:")
+            for layer, h, w in ranked[: a.top]:
+                c.print(f"  layer {layer} head {h}: {w:.3f}")
+            if head is None:
+                head = ranked[0][:2]
+    grid = viz.attention_grid(maps.weights, maps.tokens, out / "attention_grid.png", highlight=head)
+    c.print(f"\nwrote {grid}")
+    if head is not None:
+        layer, h = head
+        qpos = lens.word_positions(maps, a.query)[-1] if a.query else None
+        big = viz.attention_map(maps.weights[layer, h], maps.tokens, out / f"attention_L{layer}_H{h}.png",
+                                title=f"layer {layer}, head {h}", mark_query=qpos)
+        c.print(f"wrote {big}")
+    if maps.cross is not None:
+        cross = viz.attention_grid(maps.cross, maps.target_tokens, out / "cross_attention_grid.png",
+                                   title="cross-attention: target (down) looking at source (across)")
+        c.print(f"wrote {cross}")
+    return 0
+
+
+def _parse_head(spec: str, maps) -> tuple[int, int]:  # noqa: ANN001
+    try:
+        layer, h = (int(x) for x in spec.split("."))
+    except ValueError:
+        raise LlmlabError(f"--head {spec!r} is not LAYER.HEAD (for example 2.5)") from None
+    if not (0 <= layer < maps.n_layers and 0 <= h < maps.n_heads):
+        raise LlmlabError(f"--head {spec} is out of range: layers 0-{maps.n_layers - 1}, heads 0-{maps.n_heads - 1}")
+    return layer, h
+
+
+# ----------------------------------------------------------------------------- embed
+
+
+def _embed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sentence")
+    p.add_argument("--model", default="minilm", help="minilm (default) or an encoder folder")
+    p.add_argument("--json", action="store_true", help='print {"embedding": [...]}')
+
+
+@verb("embed", "print the normalised sentence embedding of an encoder model", _embed_args)
+def cmd_embed(a: argparse.Namespace) -> int:
+    import torch
+
+    from .interop import load
+
+    if not a.sentence.strip():
+        raise LlmlabError("the sentence is empty; give some text to embed")
+    model = load(a.model)
+    if model.config.arch != "bert":
+        raise LlmlabError(f"{a.model} is a {model.config.arch} model; embeddings need an encoder (e.g. minilm)")
+    ids = model.tokenizer.encode(a.sentence, add_special_tokens=True)[: model.config.block_size]
+    with torch.no_grad():
+        e = model.sentence_embedding(torch.tensor([ids]))[0]
+    if a.json:
+        print(json.dumps({"embedding": e.tolist()}))
+    else:
+        print(f"dim {e.numel()}, L2 norm {float(e.norm()):.4f}")
+        print(" ".join(f"{v:+.4f}" for v in e.tolist()))
+    return 0
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="minilm, an llmlab run folder or a Hugging Face folder")
+    p.add_argument("--all", action="store_true", help="list every layer's parameters")
+
+
+@verb("info", "print a model's architecture, parameter counts and layer shapes", _info_args)
+def cmd_info(a: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .interop import load
+
+    model = load(a.model)
+    cfg = model.config
+    c = console()
+    n_params = sum(p.numel() for p in model.parameters())
+    emb = sum(p.numel() for n, p in model.named_parameters() if "emb" in n or n.startswith(("wte", "wpe")))
+    c.print(f"[bold]{a.model}[/]: {cfg.arch}  layers={cfg.n_layer}"
+            + (f"+{cfg.n_dec_layer} decoder" if cfg.arch == "seq2seq" else "")
+            + f"  heads={cfg.n_head}  width={cfg.n_embd}  ffn={cfg.inner}  vocab={cfg.vocab_size}  "
+              f"context={cfg.block_size}")
+    c.print(f"positions={cfg.position}  norm={cfg.norm} ({'pre' if cfg.prenorm else 'post'}-LN)  "
+            f"activation={cfg.activation}  tied={cfg.tie_embeddings}  bias={cfg.bias}")
+    c.print(f"parameters: {n_params:,} total, {n_params - emb:,} excluding embeddings")
+    if model.tokenizer is not None:
+        c.print(f"tokenizer: {model.tokenizer.kind}, {model.tokenizer.vocab_size} tokens")
+    t = Table("parameter", "shape", "count")
+    for n, p in model.named_parameters():
+        if not a.all and any(f".{i}." in f".{n}" for i in range(1, 1000)):
+            continue
+        t.add_row(n, "x".join(map(str, p.shape)), f"{p.numel():,}")
+    c.print(t)
+    if not a.all:
+        c.print("(layers 1 and up repeat layer 0; --all lists every parameter)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="an llmlab GPT run folder")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+
+
+@verb("export", "write an llmlab GPT run as a Hugging Face GPT-2 folder", _export_args)
+def cmd_export(a: argparse.Namespace) -> int:
+    from .interop import export_gpt2, load
+
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) and not a.force:
+        raise LlmlabError(f"{out} exists and is not empty; choose a new folder or pass --force")
+    model = load(a.run)
+    export_gpt2(model, out)
+    print(f"wrote {out} (transformers.GPT2LMHeadModel.from_pretrained({str(out)!r}) loads it)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="llmlab", description="Build, train, look inside, attack and defend "
+                                "transformer language models.")
+    p.add_argument("--version", action="version", version=f"llmlab {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    for name, (add_args, _run, help) in VERBS.items():
+        sp = sub.add_parser(name, help=help, description=help)
+        add_args(sp)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; user errors print one line on stderr and return 2."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not a.verb:
+        parser.print_help()
+        return 2
+    try:
+        return VERBS[a.verb][1](a)
+    except LlmlabError as e:
+        print(f"llmlab {a.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llmlab {a.verb}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
