@@ -199,6 +199,197 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train
+
+
+def _field_type(f) -> type:  # noqa: ANN001
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    for name, typ in (("bool", bool), ("int", int), ("float", float)):
+        if t.startswith(name):
+            return typ
+    return str
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from .config import ModelConfig
+    from .train import MODEL_CLI_SKIP, PRESETS, TrainConfig
+
+    p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--config", help="a TOML file with [model] and [train] tables")
+    p.add_argument("--out", help="the run folder (default runs/<preset>-<timestamp>)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
+    g = p.add_argument_group("overrides (any field of the model or training config)")
+    fields = [f for f in dataclasses.fields(TrainConfig)] + \
+        [f for f in dataclasses.fields(ModelConfig) if f.name not in MODEL_CLI_SKIP]
+    for f in fields:
+        typ = _field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        if typ is bool:
+            g.add_argument(flag, dest=f"ov_{f.name}", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            g.add_argument(flag, dest=f"ov_{f.name}", type=typ, default=None, metavar=typ.__name__.upper())
+
+
+@verb("train", "train a model (default: a small character-level GPT on the Python language reference)",
+      _train_args)
+def cmd_train(a: argparse.Namespace) -> int:
+    import time
+
+    from .train import load_run_for_resume, resolve_config, train
+
+    overrides = {k[3:]: v for k, v in vars(a).items() if k.startswith("ov_") and v is not None}
+    if a.resume:
+        if a.preset or a.config:
+            raise LlmlabError("--resume continues a run with its own config; drop --preset/--config")
+        cfg = load_run_for_resume(a.resume)
+        allowed = {"max_iters", "max_time", "checkpoint_every", "threads", "eval_interval", "log_interval"}
+        bad = sorted(set(overrides) - allowed)
+        if bad:
+            raise LlmlabError(f"cannot change {', '.join(bad)} when resuming; only {', '.join(sorted(allowed))}")
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
+        run = Path(a.resume)
+    else:
+        cfg = resolve_config(a.preset, a.config, overrides)
+        run = Path(a.out) if a.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if run.exists() and any(run.iterdir()):
+            raise LlmlabError(f"{run} already exists and is not empty; resume it with --resume {run} or "
+                              "choose another --out")
+    progress = TrainProgress()
+    with progress:
+        result = train(cfg, run, resume=bool(a.resume), callback=progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        c = console()
+        c.print(f"[bold]done[/] after {result.step} steps ({result.stopped_by}), {result.elapsed:.0f} s, "
+                f"{result.tokens_per_s:,.0f} tokens/s; val loss {result.val_loss:.4f} "
+                f"(best {result.best_val_loss:.4f})")
+        for i, s in enumerate(result.samples):
+            c.print(f"[bold]--- sample {i + 1} ---[/]")
+            c.print(s, markup=False)
+        c.print(f"run folder: {run}  (generate: llmlab generate {run} --prompt \"...\")")
+    return 0
+
+
+class TrainProgress:
+    """Renders trainer events as a rich progress bar (step, loss, tokens/s, ETA) on rank 0."""
+
+    def __init__(self) -> None:
+        self.progress = None
+        self.task = None
+        self.quiet = int(os.environ.get("RANK", "0")) != 0
+
+    def __enter__(self) -> TrainProgress:
+        if not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                     console=console(stderr=True), transient=False)
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, event: str, info: dict) -> None:
+        p = self.progress
+        if p is None:
+            return
+        if event == "start":
+            p.console.print(f"run {info['run']}: {info['params']:,} parameters, "
+                            f"{info['tokens_train']:,} training tokens")
+            self.task = p.add_task("train", total=info["max_iters"], completed=info["step"], info="")
+        elif event == "log":
+            p.update(self.task, completed=info["step"],
+                     info=f"loss {info['loss']:.4f}  {info['tokens_per_s']:,.0f} tok/s")
+        elif event == "eval":
+            p.console.print(f"step {info['step']}: train {info['train_loss']:.4f}  val {info['val_loss']:.4f}")
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="an llmlab run folder or a Hugging Face GPT-2 folder")
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for several (batched)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop before this string; repeatable")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    p.add_argument("--json", action="store_true", help="print the completions as JSON")
+
+
+@verb("generate", "generate text from a trained model", _generate_args)
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .generate import GenerationConfig, generate_text
+    from .interop import load
+
+    model = load(a.run)
+    prompts = a.prompt or ["\n"]
+    cfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=0.0 if a.greedy else a.temperature,
+                           top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+                           stop=tuple(a.stop), seed=a.seed, use_cache=not a.no_cache)
+    err = console(stderr=True)
+
+    def warn(msg: str) -> None:
+        err.print(f"[yellow]warning:[/] {msg}")
+
+    stream = len(prompts) == 1 and not a.json
+    if stream:
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+
+    def on_text(i: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    outs = generate_text(model, prompts, cfg, on_text=on_text if stream else None, warn=warn)
+    if stream:
+        sys.stdout.write("\n")
+    elif a.json:
+        print(json.dumps([{"prompt": p, "completion": o} for p, o in zip(prompts, outs)]))
+    else:
+        for p, o in zip(prompts, outs):
+            print(f"--- {p!r}\n{p}{o}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def _perplexity_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="an llmlab run folder or a Hugging Face GPT-2 folder")
+    p.add_argument("--data", required=True, help="a text file, folder, glob or JSONL file")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--encoding-errors", default="strict", choices=["strict", "replace", "ignore"])
+    p.add_argument("--json", action="store_true")
+
+
+@verb("perplexity", "report loss and perplexity of a model on any text", _perplexity_args)
+def cmd_perplexity(a: argparse.Namespace) -> int:
+    from .data import load_corpus
+    from .evaluate import perplexity
+    from .interop import load
+
+    model = load(a.run)
+    docs = load_corpus(a.data, a.text_field, a.encoding_errors)
+    r = perplexity(model, docs)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['tokens']:,} tokens: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 

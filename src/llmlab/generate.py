@@ -1,0 +1,185 @@
+"""Text generation from a causal LM: greedy, temperature, top-k, top-p and repetition-penalty sampling,
+batched prompts with left padding, KV-cache decoding, stop strings, and streaming."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import LlmlabError
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick each next token. temperature 0 = greedy."""
+
+    max_new_tokens: int = 100
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already in the sequence (CTRL)
+    stop: Sequence[str] = field(default_factory=tuple)
+    seed: int | None = None
+    use_cache: bool = True
+    stop_at_eos: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise LlmlabError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LlmlabError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LlmlabError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise LlmlabError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise LlmlabError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def process_logits(logits: torch.Tensor, seqs: torch.Tensor | None, cfg: GenerationConfig) -> torch.Tensor:
+    """Apply repetition penalty, temperature, top-k and top-p to next-token logits (B, V)."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and seqs is not None and seqs.numel():
+        # CTRL (Keskar et al. 2019): divide positive logits of seen tokens by p, multiply negative ones by p
+        seen = torch.gather(logits, 1, seqs)
+        seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+        logits = logits.scatter(1, seqs, seen)
+    if cfg.temperature == 0:
+        return logits
+    logits = logits / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.size(-1):
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:  # nucleus (Holtzman et al. 2020): the smallest set whose probability reaches top_p
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= cfg.top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)
+    return logits
+
+
+def pick(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (B,) from processed logits: argmax when greedy, else a sample."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T), attention_mask (B, T)) with prompts aligned to the right."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, T - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, T - len(p):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+                 eos_id: int | None = None, pad_id: int = 0,
+                 on_step: Callable[[torch.Tensor, torch.Tensor], bool] | None = None) -> list[list[int]]:
+    """New token ids for each prompt. Prompts must fit the context (see generate_text). on_step receives
+    the new tokens (B,) and which rows were still active after each step, and returns True to stop
+    early. Rows that reached eos get pad."""
+    cfg.validate()
+    block = model.config.block_size
+    if any(len(p) == 0 for p in prompts):
+        raise LlmlabError("a prompt is empty; give at least one token")
+    gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    ids, mask = left_pad(prompts, pad_id)
+    B = ids.size(0)
+    padded = bool((mask == 0).any())
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    caches = model.new_caches() if cfg.use_cache else None
+    seqs, amask = ids, mask
+    logits = None
+    for step in range(cfg.max_new_tokens):
+        if caches is not None and seqs.size(1) <= block:
+            if step == 0:
+                logits = model(seqs, attention_mask=amask if padded else None, caches=caches)[:, -1]
+            else:
+                logits = model(seqs[:, -1:], attention_mask=amask if padded else None, caches=caches)[:, -1]
+        else:  # full recompute over the last `block` tokens (also once the context is full)
+            w_ids, w_mask = seqs[:, -block:], amask[:, -block:]
+            logits = model(w_ids, attention_mask=w_mask if bool((w_mask == 0).any()) else None)[:, -1]
+        nxt = pick(process_logits(logits, seqs if cfg.repetition_penalty != 1.0 else None, cfg), cfg, gen)
+        active = ~done
+        nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))
+        for i in range(B):
+            if active[i]:
+                out[i].append(int(nxt[i]))
+        if eos_id is not None and cfg.stop_at_eos:
+            done = done | (nxt == eos_id)
+        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+        amask = torch.cat([amask, active.long()[:, None]], dim=1)
+        padded = padded or not bool(active.all())
+        if on_step is not None and on_step(nxt, active):
+            break
+        if bool(done.all()):
+            break
+    return out
+
+
+class _Stream:
+    """Decodes each row's new tokens as they arrive, applies stop strings, and reports new text."""
+
+    def __init__(self, tok, n: int, stop: Sequence[str], on_text: Callable[[int, str], None] | None):  # noqa: ANN001
+        self.tok, self.stop, self.on_text = tok, [s for s in stop if s], on_text
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.text = [""] * n
+        self.emitted = [0] * n
+        self.stopped = [False] * n
+
+    def step(self, nxt: torch.Tensor, active: torch.Tensor) -> bool:
+        for i, t in enumerate(nxt.tolist()):
+            if self.stopped[i] or not bool(active[i]):
+                self.stopped[i] = True
+                continue
+            self.ids[i].append(t)
+            text = self.tok.decode(self.ids[i])
+            for s in self.stop:
+                j = text.find(s)
+                if j >= 0:
+                    text = text[:j]
+                    self.stopped[i] = True
+            self.text[i] = text
+            safe = len(text) if self.stopped[i] or not text.endswith("\ufffd") else len(text) - 1
+            if self.on_text is not None and safe > self.emitted[i]:
+                self.on_text(i, text[self.emitted[i]:safe])
+                self.emitted[i] = safe
+        return all(self.stopped)
+
+
+def generate_text(model: torch.nn.Module, prompts: Sequence[str], cfg: GenerationConfig,
+                  on_text: Callable[[int, str], None] | None = None,
+                  warn: Callable[[str], None] | None = None) -> list[str]:
+    """Continuations of text prompts (prompt not included). Prompts longer than the context are cut from
+    the left (with a warning); stop strings end a row's text just before the stop string."""
+    tok = model.tokenizer
+    if tok is None:
+        raise LlmlabError("this model has no tokenizer; generate from a run folder")
+    if model.config.arch != "gpt":
+        raise LlmlabError(f"generate needs a decoder-only (gpt) model, this one is {model.config.arch}")
+    block = model.config.block_size
+    enc = []
+    for i, p in enumerate(prompts):
+        ids = tok.encode(p)
+        if not ids:
+            ids = [tok.eos_id] if tok.eos_id is not None else tok.encode("\n")
+        if len(ids) > block - 1:
+            if warn:
+                warn(f"prompt {i + 1} is {len(ids)} tokens, longer than the context of {block}; "
+                     f"keeping its last {block - 1}")
+            ids = ids[-(block - 1):]
+        enc.append(ids)
+    stream = _Stream(tok, len(enc), cfg.stop, on_text)
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
+    generate_ids(model, enc, cfg, eos_id=tok.eos_id, pad_id=pad, on_step=stream.step)
+    return stream.text

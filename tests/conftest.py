@@ -1,0 +1,56 @@
+"""Shared fixtures. Nothing here may touch the network: the Hugging Face libraries run offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_GPT2 = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=101, n_positions=64,
+                 bos_token_id=None, eos_token_id=None, pad_token_id=0)
+
+
+def randomize_(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
+    """Give every bias and norm parameter non-trivial values, so a wrong mapping of them shows.
+
+    Fresh models start with zero biases and unit norm weights; a loader that dropped or swapped
+    them would still match. Matrices keep their (small) initialisation."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                owner = name.rsplit(".", 1)[0] if "." in name else ""
+                if "norm" in owner.lower() or owner.split(".")[-1].startswith("ln"):
+                    if name.endswith("weight"):
+                        p.copy_(1.0 + scale * torch.randn_like(p))
+                    else:
+                        p.copy_(scale * torch.randn_like(p))
+                else:
+                    p.copy_(scale * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A random Hugging Face GPT-2 (2 layers, width 64, vocab 101) saved with save_pretrained (safetensors).
+
+    Session-scoped: tests must not modify the folder (copy it first)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1234)
+    model = randomize_(GPT2LMHeadModel(GPT2Config(**TINY_GPT2))).eval()
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    model.save_pretrained(folder)
+    assert (folder / "model.safetensors").is_file()
+    return folder
