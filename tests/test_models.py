@@ -294,8 +294,6 @@ def test_invalid_config_raises_config_error(bad):
         ModelConfig.from_dict(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: validate() calls int() on the field, so a non-numeric string raises "
-                                       "ValueError and fractional/str values pass validation")
 @pytest.mark.parametrize("bad", [{"n_layer": "four"}, {"n_layer": 2.5}, {"vocab_size": "65"}])
 def test_non_integer_sizes_raise_config_error(bad):
     with pytest.raises(ConfigError):

@@ -46,13 +46,18 @@ class FeedForward(nn.Module):
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        elif self.activation == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")
-        elif self.activation == "gelu":
-            h = F.gelu(h)
         else:
-            h = F.relu(h)
+            h = activate(h, self.activation)
         return self.proj(h)
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """GELU (erf), GELU (tanh approximation) or ReLU, by name."""
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "relu":
+        return F.relu(h)
+    return F.gelu(h)
 
 
 class Block(nn.Module):

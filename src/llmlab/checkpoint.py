@@ -146,7 +146,9 @@ def read_run_config(folder: str | Path) -> dict[str, Any]:
         raise ModelLoadError(f"{folder} has no {CONFIG_FILE}; point at a run folder made by `llmlab train`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{p} is not valid JSON ({e}); restore it from a checkpoint") from None
-    version = cfg.get("llmlab", {}).get("format_version")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("llmlab"), dict):
+        raise ModelLoadError(f"{p} is not an llmlab run config (no 'llmlab' section); point at a run folder")
+    version = cfg["llmlab"].get("format_version")
     if version != FORMAT_VERSION:
         raise ModelLoadError(f"{folder} was written by an incompatible llmlab (run format {version}, this "
                              f"llmlab reads {FORMAT_VERSION}); retrain it or use the llmlab version that made it")
@@ -164,7 +166,7 @@ def load_run_model(folder: str | Path) -> torch.nn.Module:
         mcfg = ModelConfig.from_dict(cfg["model"])
     except KeyError:
         raise ModelLoadError(f"{folder / CONFIG_FILE} has no 'model' section; the run folder is incomplete") from None
-    except ConfigError as e:
+    except (ConfigError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{folder / CONFIG_FILE}: {e}") from None
     if not (folder / WEIGHTS_FILE).is_file():
         raise ModelLoadError(f"{folder} has no {WEIGHTS_FILE}; the run did not finish saving — resume it")

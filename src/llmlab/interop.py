@@ -81,7 +81,8 @@ def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], source: Path) -> to
 
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if m not in ("lm_head.weight", "mlm_decoder.weight")]
+    if cfg.tie_embeddings:
+        missing = [m for m in missing if m not in ("lm_head.weight", "mlm_decoder.weight")]
     if missing:
         raise ModelLoadError(f"{source}: weights missing for {missing[:4]}; the checkpoint does not match its config")
     return model
@@ -92,9 +93,10 @@ def gpt2_from_hf(cfg: dict[str, Any], w: dict[str, torch.Tensor], source: Path =
     act = cfg.get("activation_function", "gelu_new")
     if act not in HF_ACT:
         raise ModelLoadError(f"{source}: GPT-2 activation {act!r} is not supported (use one of {sorted(HF_ACT)})")
-    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("reorder_and_upcast_attn"):
+    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("reorder_and_upcast_attn") or \
+            cfg.get("scale_attn_weights", True) is False:
         raise ModelLoadError(f"{source}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx, "
-                             "reorder_and_upcast_attn) are not supported")
+                             "reorder_and_upcast_attn, scale_attn_weights=false) are not supported")
     try:
         mcfg = gpt2_config(vocab_size=cfg["vocab_size"], block_size=cfg.get("n_positions", 1024),
                            n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
@@ -140,6 +142,7 @@ def bert_from_hf(cfg: dict[str, Any], w: dict[str, torch.Tensor], source: Path =
                            norm_eps=cfg.get("layer_norm_eps", 1e-12), activation=HF_ACT[act],
                            type_vocab_size=cfg.get("type_vocab_size", 2), pad_token_id=cfg.get("pad_token_id") or 0,
                            mlm_head=has_mlm, pooler="pooler.dense.weight" in w, n_classes=n_classes,
+                           tie_embeddings=cfg.get("tie_word_embeddings", True),
                            extra={"imported_from": "bert"})
     except KeyError as e:
         raise ModelLoadError(f"{source}/config.json lacks the BERT field {e}") from None
@@ -170,7 +173,9 @@ def bert_from_hf(cfg: dict[str, Any], w: dict[str, torch.Tensor], source: Path =
                 s["mlm_dense." + t] = w["cls.predictions.transform.dense." + t]
                 s["mlm_norm." + t] = w["cls.predictions.transform.LayerNorm." + t]
         if has_mlm:
-            s["mlm_decoder.bias"] = w["cls.predictions.bias"]
+            s["mlm_decoder.bias"] = w.get("cls.predictions.decoder.bias", w["cls.predictions.bias"])
+            if not mcfg.tie_embeddings:
+                s["mlm_decoder.weight"] = w["cls.predictions.decoder.weight"]
     except KeyError as err:
         raise ModelLoadError(f"{source}: BERT weight {err} is missing; the safetensors file does not match "
                              "config.json") from None

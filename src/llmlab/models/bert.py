@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import padding_mask
-from ..blocks import Block, make_norm
+from ..blocks import Block, activate, make_norm
 from ..config import ModelConfig
 from .gpt import init_weights
 
@@ -67,7 +67,7 @@ class Bert(nn.Module):
         """Vocabulary logits (B, T, V) from hidden states, for masked-language modelling."""
         if not self.config.mlm_head:
             raise ValueError("this encoder has no masked-LM head (mlm_head=False)")
-        return self.mlm_decoder(self.mlm_norm(F.gelu(self.mlm_dense(hidden))))
+        return self.mlm_decoder(self.mlm_norm(activate(self.mlm_dense(hidden), self.config.activation)))
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of the hidden states over real tokens: (B, T, C) -> (B, C)."""
