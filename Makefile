@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmlab-installed
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo attention-demo test test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/llmlab train
+
+attention-demo: $(STAMP)
 	$(BIN)/llmlab attention "The cat that was sleeping on the mat woke up" --model minilm --query woke --key cat --no-special --out runs/attention-demo
 
 test: $(STAMP)
@@ -25,6 +28,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+bench: $(STAMP)
+	cd benchmarks && ../$(BIN)/python bench_train_throughput.py && ../$(BIN)/python bench_generate.py \
+		&& ../$(BIN)/python bench_mfu.py && ../$(BIN)/python bench_shakespeare.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
