@@ -300,8 +300,9 @@ class TrainProgress:
         if p is None:
             return
         if event == "start":
-            p.console.print(f"run {info['run']}: {info['params']:,} parameters, "
-                            f"{info['tokens_train']:,} training tokens")
+            data = info.get("data", {})
+            size = f", {data['train_tokens']:,} training tokens" if "train_tokens" in data else ""
+            p.console.print(f"run {info['run']} ({info['task']}): {info['params']:,} parameters{size}")
             self.task = p.add_task("train", total=info["max_iters"], completed=info["step"], info="")
         elif event == "log":
             p.update(self.task, completed=info["step"],
@@ -393,12 +394,29 @@ def cmd_perplexity(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- entry point
 
 
+# verbs of the other feature areas register themselves from their own modules
+EXTENSION_MODULES = ("llmlab.families_cli", "llmlab.security.privacy_cli", "llmlab.security.scan_cli",
+                     "llmlab.serve_cli", "llmlab.security.report_cli")
+
+
+def _load_extensions() -> None:
+    import importlib
+
+    for name in EXTENSION_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if not e.name or not (name == e.name or name.startswith(e.name + ".")):
+                raise
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p = argparse.ArgumentParser(prog="llmlab", description="Build, train, look inside, attack and defend "
                                 "transformer language models.")
     p.add_argument("--version", action="version", version=f"llmlab {__version__}")
+    _load_extensions()
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     for name, (add_args, _run, help) in VERBS.items():
         sp = sub.add_parser(name, help=help, description=help)

@@ -3,6 +3,7 @@ compile, evaluation), resumable checkpoints, and DistributedDataParallel under t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,7 +32,7 @@ from .checkpoint import (
     write_manifest,
 )
 from .config import ModelConfig
-from .data import BatchSampler, TokenizedCorpus, prepare
+from .data import BatchSampler, prepare
 from .errors import ConfigError, ModelLoadError
 from .models import build_model
 
@@ -42,6 +43,7 @@ class TrainConfig:
 
     data: str | None = None  # None = the built-in Python language reference
     text_field: str = "text"
+    task: str = ""  # what to learn; "" = the default of the arch (gpt: lm, bert: mlm, seq2seq: seq2seq)
     tokenizer: str = "char"  # char | bpe
     vocab_size: int = 1024  # BPE vocabulary (char vocabularies come from the text)
     val_fraction: float = 0.1
@@ -295,31 +297,139 @@ class TrainResult:
 Callback = Callable[[str, dict[str, Any]], None]
 
 
-def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a causal LM on inputs x and targets y (B, T)."""
     logits = model(x)
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, corpus: TokenizedCorpus, block: int, batch: int, iters: int, seed: int,
-             autocast: bool) -> dict[str, float]:
-    """Mean loss on `iters` fixed batches of each split (its own generator: training RNG is untouched)."""
-    was_training = model.training
-    model.eval()
-    out = {}
-    for split, ids in (("train", corpus.train), ("val", corpus.val)):
-        if len(ids) <= block + 1:
-            out[split] = float("nan")
-            continue
-        sampler = BatchSampler(ids, block, batch, seed)
-        losses = []
-        for _ in range(iters):
-            x, y = sampler.next()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                losses.append(_loss(model, x, y).item())
-        out[split] = sum(losses) / len(losses)
-    model.train(was_training)
-    return out
+class Objective:
+    """What a run learns: its data and tokenizer, its batches, its loss, its evaluation, and what it leaves
+    in the run folder at the end. The trainer's loop (optimizer, schedule, checkpoints, DDP) is shared."""
+
+    name = "base"
+
+    def __init__(self, cfg: RunConfig, dist: Dist):
+        self.cfg, self.dist = cfg, dist
+        self.tokenizer: Any = None
+
+    def setup(self, run: Path, resume: bool) -> ModelConfig:
+        """Read the data, make the tokenizer; return the model config to build (vocab size set)."""
+        raise NotImplementedError
+
+    def data_info(self) -> dict[str, Any]:
+        """What the run was trained on (written into config.json under "data")."""
+        return {}
+
+    def next_batch(self) -> Any:
+        """This rank's next training micro-batch."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batch_tokens(self, batch: Any) -> int:
+        """Tokens in a micro-batch on this rank (for tokens/s)."""
+        return int(batch[0].numel())
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Held-out figures; must contain "train" and "val" losses (model in eval mode, no grad)."""
+        raise NotImplementedError
+
+    def rng_state(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def set_rng_state(self, s: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def finish(self, run: Path, best: torch.nn.Module) -> list[str]:
+        """Write end-of-run files (samples, eval.json) from the best model; return samples to print."""
+        return []
+
+
+class LMObjective(Objective):
+    """Next-token prediction for decoder-only GPTs on a text corpus."""
+
+    name = "lm"
+
+    def setup(self, run: Path, resume: bool) -> ModelConfig:
+        t, m = self.cfg.train, self.cfg.model
+        self.corpus = prepare(t.data, t.tokenizer, t.vocab_size, t.val_fraction, t.text_field, t.encoding_errors)
+        self.tokenizer = self.corpus.tokenizer
+        micro = t.batch_size // t.grad_accum
+        self.sampler = BatchSampler(self.corpus.train, m.block_size, micro, t.seed + 1, self.dist.rank,
+                                    self.dist.world)
+        pad = self.tokenizer.pad_id
+        return m.replace(vocab_size=self.tokenizer.vocab_size, **({"pad_token_id": pad} if pad is not None else {}))
+
+    def data_info(self) -> dict[str, Any]:
+        t, c = self.cfg.train, self.corpus
+        return {"source": t.data or "default:pydoc_data.topics", "hash": c.data_hash, "val_fraction": t.val_fraction,
+                "train_docs": c.n_train_docs, "val_docs": c.n_val_docs, "train_tokens": int(len(c.train)),
+                "val_tokens": int(len(c.val))}
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sampler.next()
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return lm_loss(model, *batch)
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Mean loss on eval_iters fixed batches of each split (its own generator: training RNG untouched)."""
+        t, block = self.cfg.train, self.cfg.model.block_size
+        out = {}
+        for split, ids in (("train", self.corpus.train), ("val", self.corpus.val)):
+            if len(ids) <= block + 1:
+                out[split] = float("nan")
+                continue
+            sampler = BatchSampler(ids, block, t.batch_size // t.grad_accum, t.seed + 7)
+            losses = []
+            for _ in range(t.eval_iters):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.dtype == "bfloat16"):
+                    losses.append(lm_loss(model, *sampler.next()).item())
+            out[split] = sum(losses) / len(losses)
+        return out
+
+    def rng_state(self) -> torch.Tensor:
+        return self.sampler.state()
+
+    def set_rng_state(self, s: torch.Tensor) -> None:
+        self.sampler.set_state(s)
+
+    def finish(self, run: Path, best: torch.nn.Module) -> list[str]:
+        from .checkpoint import atomic_write_bytes
+        from .generate import GenerationConfig, generate_text
+
+        t = self.cfg.train
+        gcfg = GenerationConfig(max_new_tokens=t.sample_tokens, temperature=0.8, top_k=50, seed=t.seed)
+        samples = generate_text(best, ["\n"] * t.num_samples, gcfg) if t.num_samples else []
+        text = "".join(f"--- sample {i + 1} ---\n{s}\n" for i, s in enumerate(samples))
+        atomic_write_bytes(run / "samples.txt", text.encode())
+        return samples
+
+
+# objectives of other families live in their own modules, imported when a run needs them
+OBJECTIVES: dict[str, str] = {
+    "lm": "llmlab.train:LMObjective",
+    "mlm": "llmlab.encoder:MLMObjective",
+    "seq2seq": "llmlab.seq2seq_train:Seq2SeqObjective",
+    "assistant": "llmlab.assistant:AssistantObjective",
+}
+ARCH_OBJECTIVE = {"gpt": "lm", "bert": "mlm", "seq2seq": "seq2seq"}
+
+
+def make_objective(cfg: RunConfig, dist: Dist) -> Objective:
+    """The objective a run trains with: its --task, or the default of its --arch."""
+    import importlib
+
+    name = cfg.train.task or ARCH_OBJECTIVE[cfg.model.arch]
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(OBJECTIVES)}")
+    module, cls = OBJECTIVES[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)(cfg, dist)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"task {name!r} is not available in this llmlab yet") from None
 
 
 def _metrics_append(path: Path, row: dict[str, Any]) -> None:
@@ -328,7 +438,7 @@ def _metrics_append(path: Path, row: dict[str, Any]) -> None:
 
 
 def train(cfg: RunConfig, run: str | Path, resume: bool = False, callback: Callback | None = None) -> TrainResult:
-    """Train cfg.model on cfg.train.data into the run folder; resume from its last checkpoint if asked.
+    """Train cfg.model with its objective into the run folder; resume from its last checkpoint if asked.
     Progress is reported through callback(event, info) with events start, log, eval, checkpoint, end."""
     t = cfg.train
     run = Path(run)
@@ -337,20 +447,15 @@ def train(cfg: RunConfig, run: str | Path, resume: bool = False, callback: Callb
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
-    corpus = prepare(t.data, t.tokenizer, t.vocab_size, t.val_fraction, t.text_field, t.encoding_errors)
-    mcfg = cfg.model.replace(vocab_size=corpus.tokenizer.vocab_size)
+    if (t.batch_size // t.grad_accum) % dist.world:
+        raise ConfigError(f"micro-batch {t.batch_size // t.grad_accum} (batch_size / grad_accum) is not divisible "
+                          f"by {dist.world} processes")
+    objective = make_objective(cfg, dist)
+    mcfg = objective.setup(run, resume)
     cfg = dataclasses.replace(cfg, model=mcfg)
-    if corpus.tokenizer.pad_id is not None:
-        mcfg.pad_token_id = corpus.tokenizer.pad_id
+    objective.cfg = cfg
     model = build_model(mcfg)
-    if mcfg.arch != "gpt":
-        raise ConfigError(f"--arch {mcfg.arch} training is not available yet; use --arch gpt")
     opt = make_optimizer(model, t)
-    micro = t.batch_size // t.grad_accum
-    if micro % dist.world:
-        raise ConfigError(f"micro-batch {micro} (batch_size / grad_accum) is not divisible by "
-                          f"{dist.world} processes")
-    sampler = BatchSampler(corpus.train, mcfg.block_size, micro, t.seed + 1, dist.rank, dist.world)
     step, elapsed, best_val, tokens_seen = 0, 0.0, float("inf"), 0
     if resume:
         ckpts = _ckpt_dirs(run)
@@ -362,16 +467,13 @@ def train(cfg: RunConfig, run: str | Path, resume: bool = False, callback: Callb
         if state.get("world_size", 1) != dist.world:
             raise ConfigError(f"{run} was trained with {state.get('world_size', 1)} processes; resume it with the same")
         torch.set_rng_state(rng["torch"])
-        sampler.set_state(rng["data"])
+        objective.set_rng_state(rng["data"])
     elif dist.main:
         run.mkdir(parents=True, exist_ok=True)
-        corpus.tokenizer.save(run / "tokenizer")
-        run_cfg = {"llmlab": {"format_version": FORMAT_VERSION, "kind": "run"}, **cfg.to_dict(),
-                   "data": {"source": t.data or "default:pydoc_data.topics", "hash": corpus.data_hash,
-                            "val_fraction": t.val_fraction, "train_docs": corpus.n_train_docs,
-                            "val_docs": corpus.n_val_docs, "train_tokens": int(len(corpus.train)),
-                            "val_tokens": int(len(corpus.val))}}
-        atomic_write_json(run / CONFIG_FILE, run_cfg)
+        if objective.tokenizer is not None:
+            objective.tokenizer.save(run / "tokenizer")
+        atomic_write_json(run / CONFIG_FILE, {"llmlab": {"format_version": FORMAT_VERSION, "kind": "run"},
+                                              **cfg.to_dict(), "data": objective.data_info()})
     train_model = model
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -381,24 +483,25 @@ def train(cfg: RunConfig, run: str | Path, resume: bool = False, callback: Callb
         train_model = torch.compile(train_model)
     autocast = t.dtype == "bfloat16"
     metrics = run / "metrics.jsonl"
-    emit("start", {"run": str(run), "step": step, "max_iters": t.max_iters, "params": sum(
-        p.numel() for p in model.parameters()), "tokens_train": len(corpus.train), "config": cfg.to_dict()})
-
-    def rng_state() -> dict[str, torch.Tensor]:
-        return {"torch": torch.get_rng_state(), "data": sampler.state()}
+    emit("start", {"run": str(run), "step": step, "max_iters": t.max_iters, "task": objective.name,
+                   "params": sum(p.numel() for p in model.parameters()), "data": objective.data_info(),
+                   "config": cfg.to_dict()})
 
     def checkpoint() -> None:
         if dist.main:
             save_checkpoint(run, model, opt, {"step": step, "elapsed": elapsed, "best_val_loss": best_val,
-                                              "tokens_seen": tokens_seen, "world_size": dist.world}, rng_state(),
-                            t.keep_checkpoints)
+                                              "tokens_seen": tokens_seen, "world_size": dist.world},
+                            {"torch": torch.get_rng_state(), "data": objective.rng_state()}, t.keep_checkpoints)
             emit("checkpoint", {"step": step})
 
     def do_eval() -> dict[str, float]:
         nonlocal best_val
-        ev = evaluate(model, corpus, mcfg.block_size, micro, t.eval_iters, t.seed + 7, autocast)
+        model.eval()
+        with torch.no_grad():
+            ev = objective.evaluate(model)
+        model.train()
         row = {"kind": "eval", "step": step, "train_loss": ev["train"], "val_loss": ev["val"],
-               "elapsed": round(elapsed, 3)}
+               **{k: v for k, v in ev.items() if k not in ("train", "val")}, "elapsed": round(elapsed, 3)}
         if dist.main:
             _metrics_append(metrics, row)
             if ev["val"] < best_val:  # keep the best model at the top of the run folder
@@ -410,7 +513,6 @@ def train(cfg: RunConfig, run: str | Path, resume: bool = False, callback: Callb
 
     model.train()
     stopped_by = "max_iters"
-    last_loss = float("nan")
     window_t, window_tokens = time.perf_counter(), 0
     wall0 = time.perf_counter() - elapsed  # elapsed is wall time, evaluation included, across resumes
     ev: dict[str, float] = {}
@@ -423,28 +525,27 @@ def train(cfg: RunConfig, run: str | Path, resume: bool = False, callback: Callb
             g["lr"] = lr
         loss_sum = 0.0
         for m in range(t.grad_accum):
-            x, y = sampler.next()
-            sync = dist.world == 1 or m == t.grad_accum - 1
-            ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else _null()
+            batch = objective.next_batch()
+            sync = m == t.grad_accum - 1
+            ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else contextlib.nullcontext()
             with ctx, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss = _loss(train_model, x, y) / t.grad_accum
+                loss = objective.loss(train_model, batch) / t.grad_accum
             loss.backward()
             loss_sum += loss.item()
+            n_tok = objective.batch_tokens(batch) * dist.world
+            tokens_seen += n_tok
+            window_tokens += n_tok
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        n_tok = t.batch_size * mcfg.block_size
-        tokens_seen += n_tok
-        window_tokens += n_tok
         elapsed = time.perf_counter() - wall0
-        last_loss = loss_sum
         if step % t.log_interval == 0 or step == t.max_iters:
             now = time.perf_counter()
             tps = window_tokens / max(1e-9, now - window_t)
             window_t, window_tokens = now, 0
-            row = {"kind": "train", "step": step, "loss": round(last_loss, 5), "lr": lr,
+            row = {"kind": "train", "step": step, "loss": round(loss_sum, 5), "lr": lr,
                    "tokens_per_s": round(tps, 1), "elapsed": round(elapsed, 3)}
             if dist.main:
                 _metrics_append(metrics, row)
@@ -461,7 +562,7 @@ def train(cfg: RunConfig, run: str | Path, resume: bool = False, callback: Callb
                          val_loss=ev.get("val", float("nan")), best_val_loss=best_val, elapsed=elapsed,
                          tokens_per_s=tokens_seen / max(elapsed, 1e-9), stopped_by=stopped_by)
     if dist.main:
-        finish_run(run, model, corpus, t, result)
+        result.samples = finish_run(run, model, objective)
     emit("end", dataclasses.asdict(result) | {"run": str(run)})
     if dist.world > 1:
         import torch.distributed as tdist
@@ -471,18 +572,8 @@ def train(cfg: RunConfig, run: str | Path, resume: bool = False, callback: Callb
     return result
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
-
-
-def finish_run(run: Path, model: torch.nn.Module, corpus: TokenizedCorpus, t: TrainConfig,
-               result: TrainResult) -> None:
-    """loss.png, samples.txt from the best weights, and the manifest."""
-    from .generate import GenerationConfig, generate_text
+def finish_run(run: Path, model: torch.nn.Module, objective: Objective) -> list[str]:
+    """loss.png, the objective's end-of-run files from the best weights, and the manifest."""
     from .viz import loss_curves
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -493,17 +584,11 @@ def finish_run(run: Path, model: torch.nn.Module, corpus: TokenizedCorpus, t: Tr
         atomic_save_tensors(unique_state_dict(model), run / WEIGHTS_FILE, metadata={"format": "llmlab"})
     best = build_model(model.config)
     load_weights_into(best, run / WEIGHTS_FILE)
-    best.tokenizer = corpus.tokenizer
+    best.tokenizer = objective.tokenizer
     best.eval()
-    prompts = ["\n"] * t.num_samples
-    gcfg = GenerationConfig(max_new_tokens=t.sample_tokens, temperature=0.8, top_k=50, seed=t.seed)
-    samples = generate_text(best, prompts, gcfg) if t.num_samples else []
-    result.samples = samples
-    text = "".join(f"--- sample {i + 1} ---\n{s}\n" for i, s in enumerate(samples))
-    from .checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(run / "samples.txt", text.encode())
+    samples = objective.finish(run, best)
     write_manifest(run)
+    return samples
 
 
 def load_run_for_resume(run: str | Path) -> RunConfig:

@@ -1,0 +1,141 @@
+"""Experiment reports: report.json (every number, the config, the model's hash), a self-contained
+report.html (plots embedded as base64 PNG, readable offline) and a short report.md summary."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import html
+import io
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import atomic_write_bytes, atomic_write_json, sha256_file
+
+REPORT_FILES = ("report.json", "report.html", "report.md")
+
+
+def model_hash(model_path: str | Path | None) -> str | None:
+    """SHA-256 of a model's weights file (a run or HF folder, or a file), or None if there is none."""
+    if model_path is None:
+        return None
+    p = Path(model_path)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    return sha256_file(p) if p.is_file() else None
+
+
+def _jsonable(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _jsonable(dataclasses.asdict(x))
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if hasattr(x, "item") and callable(x.item) and getattr(x, "ndim", 1) == 0:
+        return _jsonable(x.item())
+    if hasattr(x, "tolist"):
+        return _jsonable(x.tolist())
+    return x
+
+
+def figure_png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def html_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def md_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(c: Any) -> str:
+    if isinstance(c, float):
+        return f"{c:.4g}"
+    return str(c)
+
+
+@dataclasses.dataclass
+class Section:
+    """A part of a report: a heading, optional text, optional table, optional figures (PNG bytes)."""
+
+    title: str
+    text: str = ""
+    header: Sequence[str] = ()
+    rows: Sequence[Sequence[Any]] = ()
+    figures: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    raw_html: str = ""
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;
+font-size:14px}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}code,pre{background:#f6f6f6}
+pre{padding:8px;overflow-x:auto;white-space:pre-wrap}.meta{color:#666;font-size:13px}"""
+
+
+def write_report(out: str | Path, experiment: str, data: dict[str, Any], sections: Sequence[Section],
+                 summary: str, config: dict[str, Any] | None = None, model: str | Path | None = None) -> Path:
+    """Write report.json, report.html and report.md into `out`; return the folder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"experiment": experiment, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "model": str(model) if model is not None else None, "model_sha256": model_hash(model),
+            "config": _jsonable(config or {})}
+    payload = {**meta, "summary": summary, "results": _jsonable(data)}
+    atomic_write_json(out / "report.json", payload)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>llmlab {html.escape(experiment)}</title>"
+             f"<style>{CSS}</style></head><body><h1>llmlab {html.escape(experiment)}</h1>",
+             f"<p class='meta'>{html.escape(meta['created'])} · model {html.escape(str(meta['model']))} · "
+             f"sha256 {html.escape(str(meta['model_sha256']))}</p>", f"<p>{html.escape(summary)}</p>"]
+    md = [f"# llmlab {experiment}", "", f"{meta['created']} · model `{meta['model']}`", "", summary, ""]
+    for s in sections:
+        parts.append(f"<h2>{html.escape(s.title)}</h2>")
+        md += [f"## {s.title}", ""]
+        if s.text:
+            parts.append(f"<p>{html.escape(s.text)}</p>")
+            md += [s.text, ""]
+        if s.rows:
+            parts.append(html_table(s.rows, s.header))
+            md += [md_table(s.rows, s.header), ""]
+        for name, png in s.figures.items():
+            b64 = base64.b64encode(png).decode()
+            parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{b64}'>"
+                         f"<figcaption>{html.escape(name)}</figcaption></figure>")
+            fname = hashlib.sha1(name.encode()).hexdigest()[:8] + ".png"
+            atomic_write_bytes(out / "figures" / fname, png)
+            md += [f"![{name}](figures/{fname})", ""]
+        if s.raw_html:
+            parts.append(s.raw_html)
+    parts.append(f"<h2>Configuration</h2><pre>{html.escape(json.dumps(meta['config'], indent=2))}</pre>")
+    parts.append("</body></html>")
+    atomic_write_bytes(out / "report.html", "\n".join(parts).encode())
+    atomic_write_bytes(out / "report.md", "\n".join(md).encode())
+    return out
+
+
+def find_reports(root: str | Path) -> list[Path]:
+    """Folders under root (root included) that hold a report.json, newest first."""
+    root = Path(root)
+    found = [p.parent for p in root.rglob("report.json")]
+    return sorted(found, key=lambda p: (p / "report.json").stat().st_mtime, reverse=True)

@@ -1,0 +1,44 @@
+"""`llmlab report`: list the experiment reports under a folder and open one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import webbrowser
+from pathlib import Path
+
+from ..cli import console, verb
+from ..errors import LlmlabError
+from .report import find_reports
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a run folder, an experiment's --out folder, or any folder above them")
+    p.add_argument("--open", action="store_true", help="open the newest report.html in a browser")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+
+
+@verb("report", "list (and open) the experiment reports under a folder", _args)
+def cmd_report(a: argparse.Namespace) -> int:
+    root = Path(a.path)
+    if not root.exists():
+        raise LlmlabError(f"{root} does not exist; give a run folder or an experiment's --out folder")
+    reports = find_reports(root)
+    if not reports:
+        raise LlmlabError(f"no report.json under {root}; run an experiment with --out {root}/...")
+    items = []
+    for r in reports:
+        d = json.loads((r / "report.json").read_text())
+        items.append({"folder": str(r), "experiment": d.get("experiment"), "created": d.get("created"),
+                      "summary": d.get("summary", ""), "html": str(r / "report.html")})
+    if a.json:
+        print(json.dumps(items, indent=2))
+    else:
+        c = console()
+        for it in items:
+            c.print(f"[bold]{it['experiment']}[/]  {it['created']}  {it['folder']}")
+            c.print(f"    {it['summary']}", markup=False)
+            c.print(f"    {it['html']}")
+    if a.open:
+        webbrowser.open(Path(items[0]["html"]).resolve().as_uri())
+    return 0
