@@ -114,7 +114,7 @@ def test_empty_jsonl(tmp_path: Path) -> None:
 
 
 def test_non_utf8_names_file_and_offset(tmp_path: Path) -> None:
-    f = write(tmp_path / "latin1.txt", "caf".encode() + b"\xe9 au lait")
+    f = write(tmp_path / "latin1.txt", b"caf\xe9 au lait")
     with pytest.raises(DataError) as e:
         load_corpus(str(f))
     msg = str(e.value)

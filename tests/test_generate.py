@@ -161,8 +161,6 @@ def test_repetition_penalty_changes_generation(model: torch.nn.Module) -> None:
     assert penalised == generate_ids(model, prompt, greedy(repetition_penalty=3.0, use_cache=False))
 
 
-@pytest.mark.xfail(strict=True, reason="generate_ids applies the repetition penalty to the pad id of left-padded "
-                                       "rows (llmlab/generate.py: process_logits gets `seqs` with padding)")
 def test_repetition_penalty_ignores_left_padding(model: torch.nn.Module) -> None:
     long = enc(model, "the bird sang a song.\nthe cat sat on the mat.\na dog")
     cfg = greedy(repetition_penalty=20.0, max_new_tokens=12)
@@ -189,9 +187,6 @@ def test_stop_string_cuts_before_it(model: torch.nn.Module) -> None:
     assert "".join(pieces) == streamed[0] == full
 
 
-@pytest.mark.xfail(strict=True, reason="_Stream emits text before it knows whether a multi-character stop string "
-                                       "starts there, so the streamed text (llmlab generate on stdout) contains "
-                                       "the beginning of the stop string (llmlab/generate.py, _Stream.step)")
 def test_streamed_text_stops_before_stop_string(model: torch.nn.Module) -> None:
     pieces: list[str] = []
     out = generate_text(model, ["the cat sat"], greedy(max_new_tokens=20, stop=(" the",)),

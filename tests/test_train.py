@@ -254,8 +254,6 @@ def test_max_time_stops_early(cache_env: Path, corpus_file: Path, tmp_path: Path
     assert (tmp_path / "timed" / "checkpoints" / f"step-{result.step:07d}").is_dir()
 
 
-@pytest.mark.xfail(strict=True, reason="resume appends to metrics.jsonl without dropping rows logged after the "
-                                       "checkpoint it resumes from (llmlab/train.py, train(): resume branch)")
 def test_resume_does_not_duplicate_metrics(cache_env: Path, corpus_file: Path, tmp_path: Path) -> None:
     """A crash after logging steps past the last checkpoint must not leave those steps twice in
     metrics.jsonl once the run is resumed (simulated by deleting the later checkpoints)."""
@@ -413,8 +411,6 @@ def test_ddp_only_rank0_writes(ddp_runs) -> None:  # noqa: ANN001
     assert proc.stdout.count("run folder:") == 1  # only rank 0 reports
 
 
-@pytest.mark.xfail(strict=True, reason="under DDP metrics.jsonl logs rank 0's local loss (half the global batch), "
-                                       "not the global batch loss (llmlab/train.py: loss_sum is never all-reduced)")
 def test_ddp_logs_the_global_batch_loss(ddp_runs) -> None:  # noqa: ANN001
     single, ddp, _ = ddp_runs
 

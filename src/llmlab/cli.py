@@ -282,13 +282,6 @@ class TrainProgress:
         self.quiet = int(os.environ.get("RANK", "0")) != 0
 
     def __enter__(self) -> TrainProgress:
-        if not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                     console=console(stderr=True), transient=False)
-            self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -296,19 +289,31 @@ class TrainProgress:
             self.progress.__exit__(*exc)
 
     def __call__(self, event: str, info: dict) -> None:
+        if self.quiet:
+            return
+        if event == "start":  # the bar starts only once training does, so early errors print cleanly
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                     console=console(stderr=True), transient=False)
+            self.progress.__enter__()
+            data = info.get("data", {})
+            size = f", {data['train_tokens']:,} training tokens" if "train_tokens" in data else ""
+            self.progress.console.print(f"run {info['run']} ({info['task']}): {info['params']:,} parameters{size}")
+            self.task = self.progress.add_task("train", total=info["max_iters"], completed=info["step"], info="")
+            return
         p = self.progress
         if p is None:
             return
-        if event == "start":
-            data = info.get("data", {})
-            size = f", {data['train_tokens']:,} training tokens" if "train_tokens" in data else ""
-            p.console.print(f"run {info['run']} ({info['task']}): {info['params']:,} parameters{size}")
-            self.task = p.add_task("train", total=info["max_iters"], completed=info["step"], info="")
-        elif event == "log":
+        if event == "log":
             p.update(self.task, completed=info["step"],
                      info=f"loss {info['loss']:.4f}  {info['tokens_per_s']:,.0f} tok/s")
         elif event == "eval":
-            p.console.print(f"step {info['step']}: train {info['train_loss']:.4f}  val {info['val_loss']:.4f}")
+            extra = "  ".join(f"{k} {v:.4f}" for k, v in info.items() if k not in (
+                "kind", "step", "train_loss", "val_loss", "elapsed", "best_val_loss") and isinstance(v, float))
+            p.console.print(f"step {info['step']}: train {info['train_loss']:.4f}  val {info['val_loss']:.4f}"
+                            + (f"  {extra}" if extra else ""))
 
 
 # ----------------------------------------------------------------------------- generate

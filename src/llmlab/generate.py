@@ -38,14 +38,17 @@ class GenerationConfig:
             raise LlmlabError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
-def process_logits(logits: torch.Tensor, seqs: torch.Tensor | None, cfg: GenerationConfig) -> torch.Tensor:
-    """Apply repetition penalty, temperature, top-k and top-p to next-token logits (B, V)."""
+def process_logits(logits: torch.Tensor, seqs: torch.Tensor | None, cfg: GenerationConfig,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply repetition penalty, temperature, top-k and top-p to next-token logits (B, V). seqs (B, T) are
+    the tokens so far; mask (B, T) marks the real ones (padding is not penalised)."""
     logits = logits.float()
     if cfg.repetition_penalty != 1.0 and seqs is not None and seqs.numel():
         # CTRL (Keskar et al. 2019): divide positive logits of seen tokens by p, multiply negative ones by p
-        seen = torch.gather(logits, 1, seqs)
-        seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
-        logits = logits.scatter(1, seqs, seen)
+        real = torch.ones_like(seqs, dtype=logits.dtype) if mask is None else mask.to(logits.dtype)
+        seen = torch.zeros_like(logits).scatter_add_(1, seqs, real) > 0  # (B, V)
+        penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
     if cfg.temperature == 0:
         return logits
     logits = logits / cfg.temperature
@@ -109,7 +112,7 @@ def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: 
         else:  # full recompute over the last `block` tokens (also once the context is full)
             w_ids, w_mask = seqs[:, -block:], amask[:, -block:]
             logits = model(w_ids, attention_mask=w_mask if bool((w_mask == 0).any()) else None)[:, -1]
-        nxt = pick(process_logits(logits, seqs if cfg.repetition_penalty != 1.0 else None, cfg), cfg, gen)
+        nxt = pick(process_logits(logits, seqs if cfg.repetition_penalty != 1.0 else None, cfg, amask), cfg, gen)
         active = ~done
         nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))
         for i in range(B):
@@ -150,11 +153,30 @@ class _Stream:
                     text = text[:j]
                     self.stopped[i] = True
             self.text[i] = text
-            safe = len(text) if self.stopped[i] or not text.endswith("\ufffd") else len(text) - 1
-            if self.on_text is not None and safe > self.emitted[i]:
-                self.on_text(i, text[self.emitted[i]:safe])
-                self.emitted[i] = safe
+            safe = len(text) if self.stopped[i] else len(text) - self._held(text)
+            self._emit(i, safe)
         return all(self.stopped)
+
+    def _held(self, text: str) -> int:
+        """Characters at the end not yet safe to show: a partial UTF-8 character, or the start of a stop
+        string."""
+        hold = 1 if text.endswith("\ufffd") else 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return hold
+
+    def _emit(self, i: int, upto: int) -> None:
+        if self.on_text is not None and upto > self.emitted[i]:
+            self.on_text(i, self.text[i][self.emitted[i]:upto])
+            self.emitted[i] = upto
+
+    def flush(self) -> None:
+        """Show what was held back once generation has ended."""
+        for i in range(len(self.text)):
+            self._emit(i, len(self.text[i]))
 
 
 def generate_text(model: torch.nn.Module, prompts: Sequence[str], cfg: GenerationConfig,
@@ -182,4 +204,5 @@ def generate_text(model: torch.nn.Module, prompts: Sequence[str], cfg: Generatio
     stream = _Stream(tok, len(enc), cfg.stop, on_text)
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
     generate_ids(model, enc, cfg, eos_id=tok.eos_id, pad_id=pad, on_step=stream.step)
+    stream.flush()
     return stream.text

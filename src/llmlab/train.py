@@ -25,6 +25,7 @@ from .checkpoint import (
     FORMAT_VERSION,
     WEIGHTS_FILE,
     atomic_save_tensors,
+    atomic_write_bytes,
     atomic_write_json,
     load_weights_into,
     read_run_config,
@@ -44,7 +45,7 @@ class TrainConfig:
     data: str | None = None  # None = the built-in Python language reference
     text_field: str = "text"
     task: str = ""  # what to learn; "" = the default of the arch (gpt: lm, bert: mlm, seq2seq: seq2seq)
-    tokenizer: str = "char"  # char | bpe
+    tokenizer: str = "char"  # char | bpe | wordpiece
     vocab_size: int = 1024  # BPE vocabulary (char vocabularies come from the text)
     val_fraction: float = 0.1
     encoding_errors: str = "strict"  # strict | replace | ignore
@@ -71,6 +72,13 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 = torch's default
     num_samples: int = 3
     sample_tokens: int = 200
+    # encoder (mlm, classify) and encoder-decoder (seq2seq) objectives
+    mask_prob: float = 0.15  # mlm: fraction of tokens chosen; seq2seq denoising: fraction corrupted
+    span_len: float = 3.0  # seq2seq denoising: mean length of a corrupted span
+    label_smoothing: float = 0.0  # classify and supervised seq2seq: cross-entropy label smoothing
+    base: str = ""  # classify: the encoder to fine-tune (an llmlab encoder run folder or "minilm")
+    label_field: str = "label"  # classify: the column / JSON field holding the label
+    max_len: int = 128  # classify: tokens kept per text
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -162,7 +170,11 @@ def resolve_config(preset: str | None = None, toml_path: str | None = None,
 def validate_train(t: TrainConfig) -> None:
     """Raise ConfigError for values the trainer cannot use."""
     checks = [
-        (t.tokenizer in ("char", "bpe"), f"tokenizer={t.tokenizer!r} is not one of char, bpe"),
+        (t.tokenizer in ("char", "bpe", "wordpiece"), f"tokenizer={t.tokenizer!r} is not one of char, bpe, wordpiece"),
+        (0.0 < t.mask_prob < 1.0, f"mask_prob must be between 0 and 1, got {t.mask_prob}"),
+        (t.span_len >= 1.0, f"span_len must be at least 1, got {t.span_len}"),
+        (0.0 <= t.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {t.label_smoothing}"),
+        (t.max_len > 1, f"max_len must be at least 2, got {t.max_len}"),
         (t.dtype in ("float32", "bfloat16"), f"dtype={t.dtype!r} is not one of float32, bfloat16"),
         (t.batch_size > 0 and t.grad_accum > 0, "batch_size and grad_accum must be positive"),
         (t.batch_size % t.grad_accum == 0, f"batch_size {t.batch_size} is not divisible by grad_accum {t.grad_accum}"),
@@ -432,6 +444,12 @@ def make_objective(cfg: RunConfig, dist: Dist) -> Objective:
         raise ConfigError(f"task {name!r} is not available in this llmlab yet") from None
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
+
+
 def _metrics_append(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -468,6 +486,8 @@ def train(cfg: RunConfig, run: str | Path, resume: bool = False, callback: Callb
             raise ConfigError(f"{run} was trained with {state.get('world_size', 1)} processes; resume it with the same")
         torch.set_rng_state(rng["torch"])
         objective.set_rng_state(rng["data"])
+        if dist.main:  # rows logged after that checkpoint will be logged again
+            _truncate_metrics(run / "metrics.jsonl", step)
     elif dist.main:
         run.mkdir(parents=True, exist_ok=True)
         if objective.tokenizer is not None:
@@ -542,6 +562,12 @@ def train(cfg: RunConfig, run: str | Path, resume: bool = False, callback: Callb
         step += 1
         elapsed = time.perf_counter() - wall0
         if step % t.log_interval == 0 or step == t.max_iters:
+            if dist.world > 1:  # log the loss of the global batch, not rank 0's share
+                import torch.distributed as tdist
+
+                lt = torch.tensor(loss_sum)
+                tdist.all_reduce(lt)
+                loss_sum = lt.item() / dist.world
             now = time.perf_counter()
             tps = window_tokens / max(1e-9, now - window_t)
             window_t, window_tokens = now, 0
