@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,13 +114,39 @@ def split_corpus(docs: list[str], val_fraction: float = 0.1) -> tuple[list[str],
     return [text[:cut]], [text[cut:]]
 
 
-def train_tokenizer(kind: str, train_docs: list[str], vocab_size: int = 1024) -> Tokenizer:
-    """A tokenizer of `kind` (char | bpe) trained on the train split only."""
+def train_tokenizer(kind: str, train_docs: list[str], vocab_size: int = 1024,
+                    specials: Sequence[str] = ()) -> Tokenizer:
+    """A tokenizer of `kind` (char | bpe | wordpiece) trained on the train split only; `specials` are extra
+    special tokens (e.g. "<|mask|>", sentinels) whose spelling names their role."""
     if kind == "char":
-        return CharTokenizer.train("".join(train_docs), unk="replace")
+        return CharTokenizer.train("".join(train_docs), unk="replace", specials=specials)
     if kind == "bpe":
-        return BPETokenizer.train(train_docs, vocab_size=vocab_size)
-    raise DataError(f"--tokenizer {kind!r} is not one of char, bpe")
+        return BPETokenizer.train(train_docs, vocab_size=vocab_size,
+                                  specials=["<|endoftext|>", *[s for s in specials if s != "<|endoftext|>"]])
+    if kind == "wordpiece":
+        return _train_wordpiece(train_docs, vocab_size, specials)
+    raise DataError(f"--tokenizer {kind!r} is not one of char, bpe, wordpiece")
+
+
+def _train_wordpiece(train_docs: list[str], vocab_size: int, specials: Sequence[str]) -> Tokenizer:
+    """A cased BERT-style WordPiece tokenizer ([CLS] text [SEP] with add_special_tokens) trained on docs."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    from .tokenizers import WordPieceTokenizer
+
+    base = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    hf = HFTokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    hf.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
+                                               lowercase=False)
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                        special_tokens=base + [s for s in specials if s not in base],
+                                        continuing_subword_prefix="##")
+    hf.train_from_iterator(train_docs, trainer=trainer)
+    WordPieceTokenizer._set_template(hf, Path("wordpiece"))
+    return WordPieceTokenizer(hf)
 
 
 def encode_docs(tok: Tokenizer, docs: list[str]) -> np.ndarray:
