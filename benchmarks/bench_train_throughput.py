@@ -1,5 +1,6 @@
 """Training throughput (tokens/s): llmlab's GPT vs transformers' GPT2LMHeadModel at the same config, same
-weights, same batches, one fwd+bwd+AdamW step per measurement.
+weights, same batches, one fwd+bwd+AdamW step per measurement. The peer uses torch's default AdamW; llmlab
+uses its trainer's optimizer (fused AdamW), eager and with torch.compile.
 
     .venv/bin/python benchmarks/bench_train_throughput.py [--quick]
 """
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from common import hf_gpt2, llmlab_from_hf, median_time, table, write_result
+from llmlab.train import TrainConfig, make_optimizer
 
 CONFIGS = {"tiny 4x4x128 (B12 T64, V65)": dict(n_layer=4, n_head=4, n_embd=128, vocab=65, T=64, B=12),
            "small 6x6x384 (B8 T128, V65)": dict(n_layer=6, n_head=6, n_embd=384, vocab=65, T=128, B=8)}
@@ -50,12 +52,13 @@ def main() -> int:
             batches.append((x[:, :-1], x[:, 1:]))
         tokens = c["B"] * c["T"]
         res = {}
-        for label, model, is_hf in (("peer", hf, True), ("eager", ours, False)):
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-            res[label] = tokens / median_time(step_fn(model, opt, batches, is_hf), repeats, warmup=3)
+        opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)  # the peer's usual optimizer (torch default)
+        res["peer"] = tokens / median_time(step_fn(hf, opt, batches, True), repeats, warmup=3)
+        opt = make_optimizer(ours, TrainConfig(lr=1e-4))  # llmlab's trainer optimizer (fused AdamW)
+        res["eager"] = tokens / median_time(step_fn(ours, opt, batches, False), repeats, warmup=3)
         if not a.no_compile:
             ours_c = llmlab_from_hf(hf).train()
-            opt = torch.optim.AdamW(ours_c.parameters(), lr=1e-4, foreach=True)
+            opt = make_optimizer(ours_c, TrainConfig(lr=1e-4))
             res["compiled"] = tokens / median_time(step_fn(torch.compile(ours_c), opt, batches, False), repeats,
                                                    warmup=3)
         comp = res.get("compiled", float("nan"))
