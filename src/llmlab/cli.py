@@ -54,7 +54,13 @@ def cmd_attention(a: argparse.Namespace) -> int:
     from .interop import load
 
     model = load(a.model)
-    maps = lens.compute_attention(model, a.sentence, target=a.target)
+    target = a.target
+    if model.config.arch == "seq2seq" and target is None:  # show the cross-attention of the model's own output
+        from .seq2seq_train import greedy_target
+
+        target = greedy_target(model, a.sentence)
+        console(stderr=True).print(f"target (the model's greedy output): {target!r}", markup=False)
+    maps = lens.compute_attention(model, a.sentence, target=target)
     if a.json:
         print(json.dumps(maps.to_json()))
         return 0
@@ -94,6 +100,16 @@ def cmd_attention(a: argparse.Namespace) -> int:
         cross = viz.attention_grid(maps.cross, maps.target_tokens, out / "cross_attention_grid.png",
                                    title="cross-attention: target (down) looking at source (across)")
         c.print(f"wrote {cross}")
+        mean = viz.attention_map(maps.cross.mean((0, 1)), maps.target_tokens, out / "cross_attention_mean.png",
+                                 title="cross-attention, mean over decoder layers and heads",
+                                 key_tokens=maps.tokens)
+        c.print(f"wrote {mean}")
+        from .seq2seq_train import cross_attention_rows
+
+        c.print("\n[bold]cross-attention[/] (mean over decoder layers and heads): each output token, and the "
+                "source tokens attended to while choosing it")
+        for out_tok, keys in cross_attention_rows(maps, min(3, a.top)):
+            c.print(f"  {out_tok!r:>14s} <- " + "  ".join(f"{t!r}:{w:.2f}" for t, w in keys), markup=False)
     return 0
 
 
@@ -332,6 +348,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--json", action="store_true", help="print the completions as JSON")
+    p.add_argument("--beams", type=int, default=1, help="seq2seq runs: beam search with this many beams")
+    p.add_argument("--length-penalty", type=float, default=0.6,
+                   help="seq2seq beam search: GNMT length-penalty exponent (0 = none; default 0.6)")
 
 
 @verb("generate", "generate text from a trained model", _generate_args)
@@ -340,6 +359,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .interop import load
 
     model = load(a.run)
+    if model.config.arch == "seq2seq":  # each --prompt is a source to transform
+        from .seq2seq_train import cli_generate
+
+        return cli_generate(model, a)
+    if a.beams != 1:
+        raise LlmlabError("--beams is for encoder-decoder (seq2seq) runs; sample or use --greedy with this model")
     prompts = a.prompt or ["\n"]
     cfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=0.0 if a.greedy else a.temperature,
                            top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
