@@ -236,3 +236,22 @@ def test_perplexity_cli_matches_library(run: Path, model: torch.nn.Module, tmp_p
     assert main(["perplexity", str(run), "--data", str(text)]) == 0
     out = capsys.readouterr().out
     assert "perplexity" in out and f"{r['perplexity']:.3f}" in out
+
+
+def test_decode_layout_matches_plain_linear_and_restores() -> None:
+    from llmlab.config import ModelConfig
+    from llmlab.generate import decode_layout
+    from llmlab.models import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=4, n_embd=512, vocab_size=600, block_size=16)).eval()
+    ids = torch.randint(0, 600, (2, 7))
+    with torch.inference_mode():
+        plain = model(ids)
+        with decode_layout(model) as dl:
+            assert len(dl.layers) >= 3  # qkv, mlp and the head are large enough to get the (in, out) copy
+            fast = model(ids)
+        again = model(ids)
+    assert (fast - plain).abs().max() <= 1e-4
+    assert "forward" not in vars(dl.layers[0])  # the plain forward is back
+    assert torch.equal(again, plain)

@@ -83,6 +83,41 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
+DECODE_LAYOUT_MIN = 1 << 18  # weights with at least this many elements get the (in, out) copy
+
+
+def _linear_in_out(lin: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    w = lin.weight
+    key = (w.data_ptr(), w._version)
+    cached = getattr(lin, "_llmlab_w_in_out", None)
+    if cached is None or cached[0] != key:
+        cached = (key, w.detach().t().contiguous())  # (in, out)
+        lin._llmlab_w_in_out = cached
+    x2 = x.reshape(-1, x.size(-1))
+    y = torch.addmm(lin.bias, x2, cached[1]) if lin.bias is not None else x2 @ cached[1]
+    return y.view(*x.shape[:-1], y.size(-1))
+
+
+class decode_layout:  # noqa: N801 - used as a context manager
+    """Inside generation, large nn.Linear layers multiply by a cached (in, out) copy of their weight.
+    Decoding multiplies one row by each weight matrix, which is memory-bound on a CPU; with the weight laid
+    out (in, out) the product streams memory in order (about 2x faster for GPT-2's 50k-token head). The
+    copy is made once and reused while the weight is unchanged."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers = [m for m in model.modules()
+                       if isinstance(m, torch.nn.Linear) and m.weight.numel() >= DECODE_LAYOUT_MIN]
+
+    def __enter__(self) -> decode_layout:
+        for lin in self.layers:
+            lin.forward = lambda x, lin=lin: _linear_in_out(lin, x)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for lin in self.layers:
+            del lin.forward
+
+
 @torch.inference_mode()
 def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
                  eos_id: int | None = None, pad_id: int = 0,
@@ -90,6 +125,13 @@ def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: 
     """New token ids for each prompt. Prompts must fit the context (see generate_text). on_step receives
     the new tokens (B,) and which rows were still active after each step, and returns True to stop
     early. Rows that reached eos get pad."""
+    with decode_layout(model):
+        return _generate_ids(model, prompts, cfg, eos_id, pad_id, on_step)
+
+
+def _generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+                  eos_id: int | None, pad_id: int,
+                  on_step: Callable[[torch.Tensor, torch.Tensor], bool] | None) -> list[list[int]]:
     cfg.validate()
     block = model.config.block_size
     if any(len(p) == 0 for p in prompts):
