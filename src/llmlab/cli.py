@@ -285,7 +285,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         for i, s in enumerate(result.samples):
             c.print(f"[bold]--- sample {i + 1} ---[/]")
             c.print(s, markup=False)
-        c.print(f"run folder: {run}  (generate: llmlab generate {run} --prompt \"...\")")
+        arch = cfg.model.arch
+        nxt = {"bert": f"llmlab attention \"...\" --model {run}"}.get(arch, f"llmlab generate {run} --prompt \"...\"")
+        c.print(f"run folder: {run}  (next: {nxt})")
     return 0
 
 

@@ -22,12 +22,10 @@ from .checkpoint import atomic_write_json
 from .config import ModelConfig
 from .data import BatchSampler, load_corpus, split_corpus, train_tokenizer
 from .errors import ConfigError, DataError, LlmlabError, ModelLoadError
-from .train import OBJECTIVES, Objective, RunConfig
+from .train import Objective, RunConfig
 
 MLM_SPECIALS = ["<|pad|>", "<|mask|>", "<|cls|>", "<|sep|>"]
 IGNORE = -100
-
-OBJECTIVES.setdefault("classify", "llmlab.encoder:ClassifyObjective")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -10,10 +10,6 @@ from pathlib import Path
 
 from llmlab.cli import TrainProgress, console, verb
 from llmlab.errors import LlmlabError
-from llmlab.train import OBJECTIVES
-
-OBJECTIVES.setdefault("classify", "llmlab.encoder:ClassifyObjective")
-
 
 # ----------------------------------------------------------------------------- finetune
 

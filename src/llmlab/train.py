@@ -429,6 +429,7 @@ class LMObjective(Objective):
 OBJECTIVES: dict[str, str] = {
     "lm": "llmlab.train:LMObjective",
     "mlm": "llmlab.encoder:MLMObjective",
+    "classify": "llmlab.encoder:ClassifyObjective",
     "seq2seq": "llmlab.seq2seq_train:Seq2SeqObjective",
     "assistant": "llmlab.assistant:AssistantObjective",
 }
