@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import DataError, LlmlabError
-from .generate import GenerationConfig, generate_ids
+from .generate import GenerationConfig, TextStream, generate_ids
 from .security.scan.spotlight import NOTES, spotlight
 from .train import Objective
 
@@ -149,59 +149,6 @@ class Completion:
     prompt_tokens: int
 
 
-class _Collector:
-    """Decodes each row's new tokens as they arrive, applies stop strings, and reports new text."""
-
-    def __init__(self, tok: Any, n: int, stop: Sequence[str], eos_id: int | None,
-                 on_text: Callable[[int, str], None] | None, cancelled: Callable[[], bool] | None):
-        self.tok, self.stop, self.eos_id, self.on_text = tok, [s for s in stop if s], eos_id, on_text
-        self.cancelled = cancelled
-        self.ids: list[list[int]] = [[] for _ in range(n)]
-        self.text = [""] * n
-        self.emitted = [0] * n
-        self.finish = ["length"] * n
-        self.done = [False] * n
-        self.count = [0] * n  # tokens generated, end-of-turn included
-
-    def step(self, nxt: torch.Tensor, active: torch.Tensor) -> bool:
-        for i, t in enumerate(nxt.tolist()):
-            if self.done[i]:
-                continue
-            self.count[i] += 1
-            if not bool(active[i]) or (self.eos_id is not None and t == self.eos_id):
-                self.done[i], self.finish[i] = True, "stop"
-                continue
-            self.ids[i].append(t)
-            text = self.tok.decode(self.ids[i])
-            for s in self.stop:
-                j = text.find(s)
-                if j >= 0:
-                    text, self.done[i], self.finish[i] = text[:j], True, "stop"
-            # hold back a partial stop string or an incomplete UTF-8 character until it is resolved
-            safe = len(text)
-            if not self.done[i]:
-                if text.endswith("\ufffd"):
-                    safe -= 1
-                for s in self.stop:
-                    for k in range(min(len(s) - 1, len(text)), 0, -1):
-                        if text.endswith(s[:k]):
-                            safe = min(safe, len(text) - k)
-                            break
-            self.text[i] = text
-            if self.on_text is not None and safe > self.emitted[i]:
-                self.on_text(i, text[self.emitted[i]:safe])
-                self.emitted[i] = safe
-        if self.cancelled is not None and self.cancelled():
-            return True
-        return all(self.done)
-
-    def flush(self) -> None:
-        for i in range(len(self.text)):
-            if self.on_text is not None and len(self.text[i]) > self.emitted[i]:
-                self.on_text(i, self.text[i][self.emitted[i]:])
-                self.emitted[i] = len(self.text[i])
-
-
 def generate_from_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
                       on_text: Callable[[int, str], None] | None = None,
                       cancelled: Callable[[], bool] | None = None) -> list[Completion]:
@@ -211,7 +158,7 @@ def generate_from_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], 
     tok = model.tokenizer
     eos = tok.eos_id
     pad = tok.pad_id if tok.pad_id is not None else (eos if eos is not None else 0)
-    col = _Collector(tok, len(prompts), cfg.stop, eos, on_text, cancelled)
+    col = TextStream(tok, len(prompts), cfg.stop, eos, on_text, cancelled)
     if cfg.max_new_tokens > 0:
         generate_ids(model, [list(p) for p in prompts], cfg, eos_id=eos, pad_id=pad, on_step=col.step)
     col.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -172,36 +173,44 @@ def _generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg:
     return out
 
 
-class _Stream:
-    """Decodes each row's new tokens as they arrive, applies stop strings, and reports new text."""
+class TextStream:
+    """Decodes each row's new tokens as they arrive, ends a row at its end-of-text token or just before a
+    stop string, and reports new text as soon as it is certain (a partial stop string or an incomplete
+    UTF-8 character is held back). Records why each row ended ("stop" | "length") and its token count."""
 
-    def __init__(self, tok, n: int, stop: Sequence[str], on_text: Callable[[int, str], None] | None):  # noqa: ANN001
-        self.tok, self.stop, self.on_text = tok, [s for s in stop if s], on_text
+    def __init__(self, tok: Any, n: int, stop: Sequence[str], eos_id: int | None = None,
+                 on_text: Callable[[int, str], None] | None = None, cancelled: Callable[[], bool] | None = None):
+        self.tok, self.stop, self.eos_id, self.on_text = tok, [s for s in stop if s], eos_id, on_text
+        self.cancelled = cancelled
         self.ids: list[list[int]] = [[] for _ in range(n)]
         self.text = [""] * n
         self.emitted = [0] * n
-        self.stopped = [False] * n
+        self.finish = ["length"] * n
+        self.done = [False] * n
+        self.count = [0] * n  # tokens generated, the end-of-text token included
 
     def step(self, nxt: torch.Tensor, active: torch.Tensor) -> bool:
+        """on_step for generate_ids: take the step's tokens; True when every row has ended."""
         for i, t in enumerate(nxt.tolist()):
-            if self.stopped[i] or not bool(active[i]):
-                self.stopped[i] = True
+            if self.done[i]:
+                continue
+            self.count[i] += 1
+            if not bool(active[i]) or (self.eos_id is not None and t == self.eos_id):
+                self.done[i], self.finish[i] = True, "stop"
                 continue
             self.ids[i].append(t)
             text = self.tok.decode(self.ids[i])
             for s in self.stop:
                 j = text.find(s)
                 if j >= 0:
-                    text = text[:j]
-                    self.stopped[i] = True
+                    text, self.done[i], self.finish[i] = text[:j], True, "stop"
             self.text[i] = text
-            safe = len(text) if self.stopped[i] else len(text) - self._held(text)
-            self._emit(i, safe)
-        return all(self.stopped)
+            self._emit(i, len(text) if self.done[i] else len(text) - self._held(text))
+        if self.cancelled is not None and self.cancelled():
+            return True
+        return all(self.done)
 
     def _held(self, text: str) -> int:
-        """Characters at the end not yet safe to show: a partial UTF-8 character, or the start of a stop
-        string."""
         hold = 1 if text.endswith("\ufffd") else 0
         for s in self.stop:
             for k in range(min(len(s) - 1, len(text)), 0, -1):
@@ -243,7 +252,7 @@ def generate_text(model: torch.nn.Module, prompts: Sequence[str], cfg: Generatio
                      f"keeping its last {block - 1}")
             ids = ids[-(block - 1):]
         enc.append(ids)
-    stream = _Stream(tok, len(enc), cfg.stop, on_text)
+    stream = TextStream(tok, len(enc), cfg.stop, tok.eos_id, on_text)
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
     generate_ids(model, enc, cfg, eos_id=tok.eos_id, pad_id=pad, on_step=stream.step)
     stream.flush()
