@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 import llmlab
 from llmlab.cli import VERBS, build_parser, main
@@ -361,3 +362,20 @@ def test_attention_minilm_pictures(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "'woke' attends most to" in out and "heads where 'woke' attends most to 'cat'" in out
     pngs = sorted(p.name for p in (tmp_path / "att").glob("*.png"))
     assert "attention_grid.png" in pngs and len(pngs) == 2
+
+
+def test_info_and_export_of_a_run(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import GPT2LMHeadModel
+
+    rc, out, _ = run_main(["info", str(tiny_run)], capsys)
+    model = llmlab.load(tiny_run)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert rc == 0 and f"{n_params:,} total" in out and "h.0.attn.qkv.weight" in out
+    rc, _, _ = run_main(["export", str(tiny_run), "--out", str(tmp_path / "hf")], capsys)
+    assert rc == 0
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max() <= 1e-5
+    rc, _, err = run_main(["export", str(tiny_run), "--out", str(tmp_path / "hf")], capsys)
+    assert rc == 2 and "not empty" in err  # an export never overwrites a folder

@@ -431,3 +431,13 @@ def test_bf16_and_compile_runs_learn(opts: dict, cache_env: Path, corpus_file: P
     assert math.isfinite(res.val_loss) and res.val_loss < 2.0  # a fresh model starts near ln(vocab) ~ 3.2
     model = llmlab.load(tmp_path / "run")
     assert next(model.parameters()).dtype == torch.float32  # autocast never changes the stored weights
+
+
+def test_grad_accumulation_equals_one_big_batch(cache_env: Path, corpus_file: Path, tmp_path: Path) -> None:
+    """batch 8 as 2 micro-batches of 4 gives the weights of one batch of 8 (the same rows, the mean loss)."""
+    runs = {}
+    for accum in (1, 2):
+        cfg = tiny_config(corpus_file, max_iters=3, eval_interval=3, num_samples=0, batch_size=8, grad_accum=accum)
+        train(cfg, tmp_path / f"a{accum}")
+        runs[accum] = load_file(str(tmp_path / f"a{accum}" / "checkpoints" / "step-0000003" / "model.safetensors"))
+    _assert_same_tensors(runs[1], runs[2], atol=1e-5)

@@ -21,6 +21,7 @@ from .tokenizers import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md")
 DOC_SPLIT_MIN_DOCS = 10  # with fewer documents the split is by characters
+DEFAULT_SOURCE = "default:pydoc_data.topics"  # how a run records that it used the built-in corpus
 
 
 def default_corpus() -> list[str]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write_json
 from .config import ModelConfig
-from .data import BatchSampler, load_corpus, split_corpus, train_tokenizer
+from .data import DEFAULT_SOURCE, BatchSampler, load_corpus, split_corpus
 from .errors import ConfigError, DataError, LlmlabError, ModelLoadError
 from .train import Objective, RunConfig
 
@@ -86,7 +86,6 @@ class MLMObjective(Objective):
     name = "mlm"
 
     def setup(self, run: Path, resume: bool) -> ModelConfig:
-        from .tokenizers import load_tokenizer
 
         t, m = self.cfg.train, self.cfg.model
         if m.arch != "bert":
@@ -94,10 +93,7 @@ class MLMObjective(Objective):
         docs = load_corpus(t.data, t.text_field, t.encoding_errors)
         train_docs, val_docs = split_corpus(docs, t.val_fraction)
         self.n_docs = (len(train_docs), len(val_docs))
-        if resume and (run / "tokenizer").is_dir():
-            self.tokenizer = load_tokenizer(run / "tokenizer")
-        else:
-            self.tokenizer = train_tokenizer(t.tokenizer, train_docs, t.vocab_size, MLM_SPECIALS)
+        self.tokenizer = self.tokenizer_for(run, resume, train_docs, MLM_SPECIALS)
         tok = self.tokenizer
         if tok.mask_id is None or tok.pad_id is None:
             raise ConfigError(f"the {tok.kind} tokenizer has no mask or pad token; masked-LM training needs both")
@@ -116,7 +112,7 @@ class MLMObjective(Objective):
 
     def data_info(self) -> dict[str, Any]:
         t = self.cfg.train
-        return {"source": t.data or "default:pydoc_data.topics", "task": "mlm", "val_fraction": t.val_fraction,
+        return {"source": t.data or DEFAULT_SOURCE, "task": "mlm", "val_fraction": t.val_fraction,
                 "train_docs": self.n_docs[0], "val_docs": self.n_docs[1], "train_tokens": int(len(self.train_ids)),
                 "val_tokens": int(len(self.val_ids)), "mask_prob": t.mask_prob}
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write_bytes, atomic_write_json
 from .config import ModelConfig
-from .data import load_corpus, split_corpus, train_tokenizer
+from .data import DEFAULT_SOURCE, load_corpus, split_corpus
 from .encoder import pad_batch, unwrap
 from .errors import ConfigError, DataError, LlmlabError
 from .generate import GenerationConfig, pick, process_logits
@@ -219,7 +219,6 @@ class Seq2SeqObjective(Objective):
     name = "seq2seq"
 
     def setup(self, run: Path, resume: bool) -> ModelConfig:
-        from .tokenizers import load_tokenizer
 
         t, m = self.cfg.train, self.cfg.model
         if m.arch != "seq2seq":
@@ -236,10 +235,7 @@ class Seq2SeqObjective(Objective):
             train_docs, val_docs = split_corpus(docs, t.val_fraction)
             self.n_docs = (len(train_docs), len(val_docs))
             tok_docs = train_docs
-        if resume and (run / "tokenizer").is_dir():
-            self.tokenizer = load_tokenizer(run / "tokenizer")
-        else:
-            self.tokenizer = train_tokenizer(t.tokenizer, tok_docs, t.vocab_size, SEQ2SEQ_SPECIALS)
+        self.tokenizer = self.tokenizer_for(run, resume, tok_docs, SEQ2SEQ_SPECIALS)
         tok = self.tokenizer
         self.bos, self.eos, self.pad = _roles(tok)
         self.sentinels = [tok.token_to_id(s) for s in SENTINELS]
@@ -294,7 +290,7 @@ class Seq2SeqObjective(Objective):
 
     def data_info(self) -> dict[str, Any]:
         t = self.cfg.train
-        info: dict[str, Any] = {"source": t.data or "default:pydoc_data.topics", "task": "seq2seq",
+        info: dict[str, Any] = {"source": t.data or DEFAULT_SOURCE, "task": "seq2seq",
                                 "mode": "supervised" if self.supervised else "denoising",
                                 "val_fraction": t.val_fraction}
         if self.supervised:

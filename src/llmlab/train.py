@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from .checkpoint import (
     write_manifest,
 )
 from .config import ModelConfig
-from .data import BatchSampler, prepare
+from .data import DEFAULT_SOURCE, BatchSampler, prepare, train_tokenizer
 from .errors import ConfigError, ModelLoadError
 from .models import build_model
 
@@ -338,6 +338,15 @@ class Objective:
         """What the run was trained on (written into config.json under "data")."""
         return {}
 
+    def tokenizer_for(self, run: Path, resume: bool, train_docs: list[str], specials: Sequence[str] = ()) -> Any:
+        """The run's saved tokenizer when resuming, else one of --tokenizer trained on the train split."""
+        from .tokenizers import load_tokenizer
+
+        if resume and (run / "tokenizer").is_dir():
+            return load_tokenizer(run / "tokenizer")
+        t = self.cfg.train
+        return train_tokenizer(t.tokenizer, train_docs, t.vocab_size, specials)
+
     def next_batch(self) -> Any:
         """This rank's next training micro-batch."""
         raise NotImplementedError
@@ -381,7 +390,7 @@ class LMObjective(Objective):
 
     def data_info(self) -> dict[str, Any]:
         t, c = self.cfg.train, self.corpus
-        return {"source": t.data or "default:pydoc_data.topics", "hash": c.data_hash, "val_fraction": t.val_fraction,
+        return {"source": t.data or DEFAULT_SOURCE, "hash": c.data_hash, "val_fraction": t.val_fraction,
                 "train_docs": c.n_train_docs, "val_docs": c.n_val_docs, "train_tokens": int(len(c.train)),
                 "val_tokens": int(len(c.val))}
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ...checkpoint import save_run_model
-from ...data import BatchSampler, prepare
+from ...data import DEFAULT_SOURCE, BatchSampler, prepare
 from ...errors import ConfigError
 from ...models import build_model
 from ...train import RunConfig, lm_loss, lr_at, make_optimizer
@@ -241,7 +241,7 @@ def train_dp(cfg: RunConfig, run: str | Path, dp: DPConfig, callback: Callback |
                                                      noise_multiplier=sigma, max_grad_norm=dp.max_grad_norm,
                                                      poisson_sampling=True)
     run.mkdir(parents=True, exist_ok=True)
-    data_info = {"source": t.data or "default:pydoc_data.topics", "hash": corpus.data_hash,
+    data_info = {"source": t.data or DEFAULT_SOURCE, "hash": corpus.data_hash,
                  "val_fraction": t.val_fraction, "train_docs": corpus.n_train_docs, "val_docs": corpus.n_val_docs,
                  "train_tokens": int(len(corpus.train)), "val_tokens": int(len(corpus.val))}
     metrics = run / "metrics.jsonl"
