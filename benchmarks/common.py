@@ -64,3 +64,85 @@ def write_result(name: str, data: dict) -> Path:
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+# ----------------------------------------------------------------------------- side-by-side timing
+# This machine's speed drifts 10-20% within a minute, so running the peer's whole run and then llmlab's
+# compares two different machines. Instead each side runs in its own process and they take turns: the
+# driver lets one worker run a chunk (a few training steps) while the others wait, and each worker counts
+# only its own running time. Drift then hits both sides alike, and process-level settings stay each side's.
+
+
+class Pacer:
+    """Worker side of interleave(): pause() blocks until the driver's turn comes round and times the work
+    done between pauses; finish() reports the total and the worker's result."""
+
+    def __init__(self, conn):  # noqa: ANN001
+        self.conn, self.active, self.t = conn, 0.0, None
+
+    def pause(self) -> None:
+        now = time.perf_counter()
+        if self.t is None:
+            self.conn.send(("ready",))
+        else:
+            self.active += now - self.t
+            self.conn.send(("chunk", now - self.t))
+        self.conn.recv()
+        self.t = time.perf_counter()
+
+    def finish(self, result: dict) -> None:
+        dt = time.perf_counter() - self.t if self.t is not None else 0.0
+        self.conn.send(("done", self.active + dt, result, dt))
+
+
+def interleave(workers: dict[str, tuple[Callable, tuple]]) -> dict[str, dict]:
+    """Run each worker fn(pacer, *args) in its own process, one chunk at a time in turn; return each
+    worker's result with "active_s" (its own running time) and "chunks_s" (each chunk's time) added."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs, conns = {}, {}
+    for name, (fn, args) in workers.items():
+        parent, child = ctx.Pipe()
+        procs[name] = ctx.Process(target=_worker_main, args=(fn, child, args), daemon=True)
+        procs[name].start()
+        conns[name] = parent
+    for name, c in conns.items():  # setup (data, model, compilation) is done before the first pause
+        msg = c.recv()
+        if msg[0] == "error":
+            raise RuntimeError(f"{name}: {msg[1]}")
+    results: dict[str, dict] = {}
+    chunks: dict[str, list[float]] = {name: [] for name in workers}
+    names, rnd = list(conns), 0
+    while len(results) < len(workers):
+        rnd += 1
+        for name in names if rnd % 2 else names[::-1]:  # alternate who goes first
+            c = conns[name]
+            if name in results:
+                continue
+            c.send("go")
+            msg = c.recv()
+            if msg[0] == "error":
+                raise RuntimeError(f"{name}: {msg[1]}")
+            chunks[name].append(msg[1] if msg[0] == "chunk" else msg[3])
+            if msg[0] == "done":
+                results[name] = {**msg[2], "active_s": msg[1], "chunks_s": chunks[name]}
+    for p in procs.values():
+        p.join(timeout=30)
+    return results
+
+
+def round_ratio(peer_chunks: list[float], ours_chunks: list[float]) -> float:
+    """Median over rounds of peer time / llmlab time for the same work in the same round (robust to the
+    machine's bursts, which a ratio of totals is not)."""
+    pairs = [p / o for p, o in zip(peer_chunks, ours_chunks) if p > 0 and o > 0]
+    return statistics.median(pairs) if pairs else float("nan")
+
+
+def _worker_main(fn: Callable, conn, args: tuple) -> None:  # noqa: ANN001
+    import traceback
+
+    try:
+        fn(Pacer(conn), *args)
+    except BaseException as e:  # noqa: BLE001 - reported to the driver
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))

@@ -36,7 +36,7 @@ def repetitive_corpus(path: Path, n_lines: int = 400, seed: int = 0) -> Path:
     return path
 
 
-TINY = dict(n_layer=2, n_head=4, n_embd=64, block_size=32, batch_size=8, threads=1, eval_iters=5,
+TINY = dict(n_layer=2, n_head=4, n_embd=64, block_size=32, batch_size=8, threads=1, eval_iters=5, dtype="float32",
             num_samples=2, sample_tokens=30)
 
 
@@ -376,7 +376,7 @@ def ddp_runs(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path):  # no
     args = ["train", "--data", str(corpus_file), "--n-layer", "1", "--n-head", "4", "--n-embd", "32",
             "--block-size", "32", "--batch-size", "8", "--max-iters", "5", "--threads", "1", "--seed", "3",
             "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "2", "--checkpoint-every", "2",
-            "--keep-checkpoints", "5", "--num-samples", "1", "--sample-tokens", "5"]
+            "--keep-checkpoints", "5", "--num-samples", "1", "--sample-tokens", "5", "--dtype", "float32"]
     single = subprocess.Popen(_llmlab(*args, "--out", "single"), env=env, cwd=work, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     ddp = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "llmlab", *args, "--out", "ddp"],
