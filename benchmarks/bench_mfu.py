@@ -41,6 +41,10 @@ def flops_per_token(cfg: ModelConfig) -> float:
 
 
 def main() -> int:
+    from llmlab.runtime import keep_freed_memory
+    from llmlab.train import TrainConfig, make_optimizer
+
+    keep_freed_memory()  # as llmlab's trainer does
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     rows = [["config", "dtype", "tokens/s", "achieved GFLOP/s", "peak GFLOP/s", "MFU"]]
     out = {"peak_gflops": {k: v / 1e9 for k, v in peaks.items()}, "runs": {}}
@@ -49,7 +53,7 @@ def main() -> int:
         for dtype in ("float32", "bfloat16"):
             torch.manual_seed(0)
             model = GPT(cfg).train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+            opt = make_optimizer(model, TrainConfig(lr=1e-4))  # the trainer's optimizer
             x = torch.randint(0, cfg.vocab_size, (B, cfg.block_size + 1))
 
             def step(model=model, opt=opt, x=x, dtype=dtype, cfg=cfg) -> None:

@@ -4,7 +4,8 @@ initial weights, same batches; one step = forward, backward, AdamW update.
 Each side runs in its own process and they take turns, 10 steps at a time (common.interleave), so the
 machine's drift hits all of them alike. The peer runs as its users run it: float32, torch's default AdamW.
 llmlab runs as its trainer does (fused AdamW, the allocator setting of llmlab.runtime) in float32 eager,
-float32 with torch.compile, and bf16 autocast (where the CPU has native bf16; `--dtype auto` picks it).
+float32 with torch.compile, and bf16 autocast (where the CPU has native bf16; `--dtype auto` picks it);
+the peer also runs in bf16 autocast then, for a like-for-like bf16 figure.
 
     .venv/bin/python benchmarks/bench_train_throughput.py [--quick] [--no-compile]
 """
@@ -36,8 +37,8 @@ def worker(pacer: Pacer, side: str, c: dict, rounds: int) -> None:
     for _ in range(8):
         x = torch.randint(0, c["vocab"], (c["B"], c["T"] + 1), generator=g)
         batches.append((x[:, :-1], x[:, 1:]))
-    bf16 = side == "llmlab bf16"
-    if side == "peer":
+    bf16 = side.endswith("bf16")
+    if side.startswith("peer"):
         model, opt = hf, torch.optim.AdamW(hf.parameters(), lr=1e-4)  # the peer's usual optimizer
 
         def fwd(x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ def main() -> int:
     a = ap.parse_args()
     rounds = 8 if a.quick else 30
     sides = ["peer", "llmlab float32"] + ([] if a.no_compile else ["llmlab compiled"]) + (
-        ["llmlab bf16"] if cpu_has_native_bf16() else [])
+        ["llmlab bf16", "peer bf16"] if cpu_has_native_bf16() else [])
     if a.sides:
         sides = ["peer"] + [s for s in a.sides.split(",") if s != "peer"]
     rows = [["config"] + [f"{s} tok/s" for s in sides] + [f"{s} / peer" for s in sides[1:]]]
@@ -89,6 +90,9 @@ def main() -> int:
         res = interleave({s: (worker, (s, c, rounds)) for s in sides})
         tps = {s: r["tokens"] / r["active_s"] for s, r in res.items()}
         ratio = {s: round_ratio(res["peer"]["chunks_s"], res[s]["chunks_s"]) for s in sides[1:]}
+        if "peer bf16" in res and "llmlab bf16" in res:  # both sides in bf16 autocast
+            ratio["llmlab bf16 / peer bf16"] = round_ratio(res["peer bf16"]["chunks_s"], res["llmlab bf16"]["chunks_s"])
+            print(f"{name}: llmlab bf16 / peer bf16 = {ratio['llmlab bf16 / peer bf16']:.2f}x")
         rows.append([name] + [f"{tps[s]:,.0f}" for s in sides] + [f"{ratio[s]:.2f}x" for s in sides[1:]])
         out[name] = {"tokens_per_s": tps, "ratio_vs_peer": ratio,
                      "ratio_of_totals": {s: tps[s] / tps["peer"] for s in sides[1:]}}
