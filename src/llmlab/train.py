@@ -88,11 +88,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                            eval_interval=200, eval_iters=20, dtype="auto")},
     "small": {"model": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
               "train": dict(batch_size=64, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
-                            eval_interval=250, eval_iters=50)},
+                            eval_interval=250, eval_iters=50, dtype="auto")},
     "gpt2-small": {"model": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, activation="gelu_tanh",
                                  dropout=0.0),
                    "train": dict(tokenizer="bpe", vocab_size=50257, batch_size=8, lr=6e-4, min_lr=6e-5,
-                                 warmup_iters=200, max_iters=5000, weight_decay=0.1, beta2=0.95)},
+                                 warmup_iters=200, max_iters=5000, weight_decay=0.1, beta2=0.95, dtype="auto")},
     # nanoGPT's CPU shape (4x4x128, context 64) with a bigger batch and learning rate: tuned to beat its
     # recipe's val loss in the same wall time on a 2-core CPU (see benchmarks/bench_shakespeare.py). bf16
     # autocast where the CPU has it: 1,450 steps fit 110 s here (float32: about 1,100, then --max-time stops it)
