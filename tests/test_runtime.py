@@ -70,17 +70,22 @@ def test_resolve_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     assert runtime.resolve_dtype("auto") == "float32"
 
 
-def test_auto_dtype_is_recorded_resolved(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("native, task, expected", [(False, "lm", "float32"), (True, "lm", "bfloat16"),
+                                                     (True, "mlm", "float32")])
+def test_auto_dtype_is_recorded_resolved(native: bool, task: str, expected: str, monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path: Path) -> None:
+    """auto is bf16 only for GPT LM training on a CPU with native bf16; the run's config.json says which."""
     monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "c.txt"
     corpus.write_text("the cat sat on the mat. " * 200)
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
-    cfg = resolve_config(None, None, dict(data=str(corpus), n_layer=1, n_head=2, n_embd=16, block_size=16,
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    arch = {"lm": "gpt", "mlm": "bert"}[task]
+    cfg = resolve_config(None, None, dict(data=str(corpus), arch=arch, n_layer=1, n_head=2, n_embd=16, block_size=16,
                                           batch_size=4, max_iters=2, eval_interval=2, eval_iters=1, num_samples=0,
                                           dtype="auto"))
     train(cfg, tmp_path / "run")
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["dtype"] == "float32"
-    assert PRESETS["shakespeare"]["train"]["dtype"] == "auto"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["dtype"] == expected
+    assert all(PRESETS[p]["train"]["dtype"] == "auto" for p in PRESETS)
     with pytest.raises(ConfigError, match="float32, bfloat16, auto"):
         resolve_config(None, None, {"dtype": "fp8"})
 
