@@ -149,7 +149,6 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs:
     return F.scaled_dot_product_attention(q, k, v, **kwargs)  # type: ignore[arg-type]
 
 
-
 class MultiHeadAttention(nn.Module):
     """h heads of scaled dot-product attention over learned projections, then an output projection.
 
