@@ -21,7 +21,6 @@ import argparse
 import math
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -95,7 +94,7 @@ def peer_worker(pacer: Pacer, iters: int = 2000) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    wall = pacer.active + (time.perf_counter() - pacer.t)
+    wall = pacer.running_s()
     model.eval()
     pacer.finish({"train_wall_s": wall, "iters": iters, "tokens": iters * B * T,
                   "val_loss": fixed_val_loss(lambda x: model(x).logits, val)})
@@ -116,7 +115,7 @@ def llmlab_worker(pacer: Pacer, preset: str, overrides: dict, budget: float | No
 
     with tempfile.TemporaryDirectory() as d:
         res = train(cfg, d + "/run", callback=on_event)
-        wall = pacer.active + (time.perf_counter() - pacer.t)
+        wall = pacer.running_s()
         model = llmlab.load(d + "/run")
     vocab = {model.tokenizer.id_to_token(i): i for i in range(model.tokenizer.vocab_size)}
     remap = np.array([vocab[c] for c in chars])  # dataset ids -> the run's tokenizer ids

@@ -13,7 +13,6 @@ the peer also runs in bf16 autocast then, for a like-for-like bf16 figure.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
@@ -23,7 +22,7 @@ from common import Pacer, hf_gpt2, interleave, llmlab_from_hf, round_ratio, tabl
 
 CONFIGS = {"tiny 4x4x128 (B12 T64, V65)": dict(n_layer=4, n_head=4, n_embd=128, vocab=65, T=64, B=12),
            "small 6x6x384 (B8 T128, V65)": dict(n_layer=6, n_head=6, n_embd=384, vocab=65, T=128, B=8)}
-CHUNK = int(os.environ.get("BENCH_CHUNK", 10))
+CHUNK = 10
 
 
 def worker(pacer: Pacer, side: str, c: dict, rounds: int) -> None:

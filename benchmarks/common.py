@@ -90,9 +90,13 @@ class Pacer:
         self.conn.recv()
         self.t = time.perf_counter()
 
+    def running_s(self) -> float:
+        """This worker's running time so far (the current chunk included)."""
+        return self.active + (time.perf_counter() - self.t if self.t is not None else 0.0)
+
     def finish(self, result: dict) -> None:
-        dt = time.perf_counter() - self.t if self.t is not None else 0.0
-        self.conn.send(("done", self.active + dt, result, dt))
+        total = self.running_s()
+        self.conn.send(("done", total, result, total - self.active))
 
 
 def interleave(workers: dict[str, tuple[Callable, tuple]]) -> dict[str, dict]:

@@ -200,6 +200,14 @@ BAD_INPUT = {
     "info-nonexistent": (_static("info", "/nonexistent"), "does not exist"),
     "info-malformed-config": (_case_malformed_config, "is not valid JSON"),
     "generate-bad-top-p": (lambda tmp, run, corpus: ["generate", str(run), "--top-p", "0"], "top_p"),
+    "task-arch-lm-on-bert": (lambda tmp, run, corpus: ["train", "--task", "lm", "--arch", "bert", "--data",
+                                                       str(corpus), "--out", str(tmp / "mismatch")],
+                             "task 'lm' trains decoder-only (gpt) models; use --arch gpt (got --arch bert)"),
+    "task-arch-mlm-on-gpt": (lambda tmp, run, corpus: ["train", "--task", "mlm", "--data", str(corpus), "--out",
+                                                       str(tmp / "mismatch")],
+                             "task 'mlm' trains encoder-only (bert) models; use --arch bert (got --arch gpt)"),
+    "task-arch-assistant-on-seq2seq": (_static("train", "--task", "assistant", "--arch", "seq2seq", "--out",
+                                               "{tmp}/mismatch"), "task 'assistant' trains decoder-only (gpt)"),
 }
 
 
@@ -224,6 +232,14 @@ def test_bad_input_prints_exactly_one_line(case: str, tmp_path: Path, tiny_run: 
     rc, _, err = run_main(make(tmp_path, tiny_run, corpus), capsys)
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.endswith("\n"), repr(err)
+
+
+@pytest.mark.parametrize("case", [c for c in BAD_INPUT if c.startswith("task-arch")])
+def test_task_arch_mismatch_writes_nothing(case: str, tmp_path: Path, tiny_run: Path, corpus: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before any data, tokenizer or run folder is made (it used to train, then fail at sampling)."""
+    rc, _, _ = run_main(BAD_INPUT[case][0](tmp_path, tiny_run, corpus), capsys)
+    assert rc == 2 and not (tmp_path / "mismatch").exists()
 
 
 def test_bad_input_in_a_real_process(tmp_path: Path) -> None:

@@ -366,13 +366,12 @@ class AssistantObjective(Objective):
     tokens, which the generated conversations need."""
 
     name = "assistant"
+    arch = "gpt"
     n_train = 20000
     n_val = 500
 
     def setup(self, run: Path, resume: bool) -> ModelConfig:
         t, m = self.cfg.train, self.cfg.model
-        if m.arch != "gpt":
-            raise LlmlabError(f"--task assistant trains a decoder-only model; drop --arch {m.arch}")
         if t.data:
             rows = _read_chat_jsonl(t.data)
             n_val = max(1, int(len(rows) * t.val_fraction))

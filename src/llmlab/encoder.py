@@ -84,12 +84,10 @@ class MLMObjective(Objective):
     """Masked-language modelling for encoder-only models on any corpus the GPT trainer accepts."""
 
     name = "mlm"
+    arch = "bert"
 
     def setup(self, run: Path, resume: bool) -> ModelConfig:
-
         t, m = self.cfg.train, self.cfg.model
-        if m.arch != "bert":
-            raise ConfigError(f"task 'mlm' trains encoder-only models; use --arch bert (got --arch {m.arch})")
         docs = load_corpus(t.data, t.text_field, t.encoding_errors)
         train_docs, val_docs = split_corpus(docs, t.val_fraction)
         self.n_docs = (len(train_docs), len(val_docs))

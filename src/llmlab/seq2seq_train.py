@@ -217,12 +217,10 @@ class Seq2SeqObjective(Objective):
     """Encoder-decoder training: supervised on JSONL source/target pairs, else span-corruption denoising."""
 
     name = "seq2seq"
+    arch = "seq2seq"
 
     def setup(self, run: Path, resume: bool) -> ModelConfig:
-
         t, m = self.cfg.train, self.cfg.model
-        if m.arch != "seq2seq":
-            raise ConfigError(f"task 'seq2seq' trains encoder-decoder models; use --arch seq2seq (got {m.arch})")
         self.block = m.block_size
         self.supervised = is_pairs_file(t.data, t.text_field)
         if self.supervised:

@@ -327,6 +327,7 @@ class Objective:
     in the run folder at the end. The trainer's loop (optimizer, schedule, checkpoints, DDP) is shared."""
 
     name = "base"
+    arch: str | None = None  # the model family it trains (checked before anything is written); None = any
     # whether dtype "auto" may pick bf16 autocast for this objective: only where a bf16 run has been measured
     # to end at float32's loss (the others keep float32 until they are)
     auto_bf16 = False
@@ -382,6 +383,7 @@ class LMObjective(Objective):
     """Next-token prediction for decoder-only GPTs on a text corpus."""
 
     name = "lm"
+    arch = "gpt"
     auto_bf16 = True  # tinyshakespeare, 2,000 steps: bf16 1.8903 vs float32 1.8905 (bench_shakespeare.py)
 
     def setup(self, run: Path, resume: bool) -> ModelConfig:
@@ -449,6 +451,7 @@ OBJECTIVES: dict[str, str] = {
     "assistant": "llmlab.assistant:AssistantObjective",
 }
 ARCH_OBJECTIVE = {"gpt": "lm", "bert": "mlm", "seq2seq": "seq2seq"}
+ARCH_KIND = {"gpt": "decoder-only", "bert": "encoder-only", "seq2seq": "encoder-decoder"}
 
 
 def make_objective(cfg: RunConfig, dist: Dist) -> Objective:
@@ -460,9 +463,14 @@ def make_objective(cfg: RunConfig, dist: Dist) -> Objective:
         raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(OBJECTIVES)}")
     module, cls = OBJECTIVES[name].split(":")
     try:
-        return getattr(importlib.import_module(module), cls)(cfg, dist)
+        objective_cls = getattr(importlib.import_module(module), cls)
     except (ImportError, AttributeError):
         raise ConfigError(f"task {name!r} is not available in this llmlab yet") from None
+    want, got = objective_cls.arch, cfg.model.arch
+    if want is not None and got != want:
+        raise ConfigError(f"task {name!r} trains {ARCH_KIND[want]} ({want}) models; use --arch {want} "
+                          f"(got --arch {got})")
+    return objective_cls(cfg, dist)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
