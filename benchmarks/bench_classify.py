@@ -20,10 +20,11 @@ import torch
 from common import table, write_result
 from llmlab.checkpoint import save_run_model
 from llmlab.datasets import pydoc_topics, write_dataset
-from llmlab.encoder import accuracy, macro_f1, make_finetune_config, split_examples
 from llmlab.interop import load
+from llmlab.metrics import accuracy, macro_f1
 from llmlab.models import build_model
-from llmlab.train import train
+from llmlab.train.classify import make_finetune_config, split_examples
+from llmlab.train.loop import train
 
 
 def tfidf_baseline(texts: list[str], labels: list[str], tr: list[int], va: list[int]) -> dict:

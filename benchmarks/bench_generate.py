@@ -12,7 +12,7 @@ import sys
 import torch
 
 from common import hf_gpt2, llmlab_from_hf, median_time, table, write_result
-from llmlab.generate import GenerationConfig, generate_ids
+from llmlab.generate.causal import GenerationConfig, generate_ids
 
 SHAPES = {"tiny 4x4x128, V65": dict(n_layer=4, n_head=4, n_embd=128, vocab=65, pos=256, new=200),
           "gpt2-small 12x12x768, V50257": dict(n_layer=12, n_head=12, n_embd=768, vocab=50257, pos=1024, new=50)}

@@ -42,7 +42,8 @@ def flops_per_token(cfg: ModelConfig) -> float:
 
 def main() -> int:
     from llmlab.runtime import keep_freed_memory
-    from llmlab.train import TrainConfig, make_optimizer
+    from llmlab.train.config import TrainConfig
+    from llmlab.train.loop import make_optimizer
 
     keep_freed_memory()  # as llmlab's trainer does
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}

@@ -27,7 +27,8 @@ from llmlab.security.privacy.canary import find_canaries, load_canaries, measure
 from llmlab.security.privacy.common import run_splits
 from llmlab.security.privacy.mia import ATTACKS, MIAConfig, run_mia
 from llmlab.security.targets import WhiteBox
-from llmlab.train import resolve_config, train
+from llmlab.train.config import resolve_config
+from llmlab.train.loop import train
 
 LLMLAB = Path(sys.executable).parent / "llmlab"
 

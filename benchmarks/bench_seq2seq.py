@@ -22,10 +22,13 @@ import torch
 
 from common import table, write_result
 from llmlab.datasets import make_dataset, write_dataset
-from llmlab.generate import GenerationConfig
+from llmlab.generate.causal import GenerationConfig
+from llmlab.generate.seq2seq import generate_seq2seq
 from llmlab.interop import load
-from llmlab.seq2seq_train import chrf, exact_match, generate_seq2seq, read_pairs
-from llmlab.train import resolve_config, train
+from llmlab.metrics import chrf, exact_match
+from llmlab.train.config import resolve_config
+from llmlab.train.loop import train
+from llmlab.train.seq2seq import read_pairs
 
 TASKS = {
     # name: (data set, generator options, training overrides)
@@ -42,7 +45,7 @@ TASKS = {
 
 def held_out(run: Path, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The pairs the run held out (the Seq2SeqObjective's split, reproduced from its saved val count)."""
-    from llmlab.seq2seq_train import _split_pairs
+    from llmlab.train.seq2seq import _split_pairs
 
     cfg = json.loads((run / "config.json").read_text())
     _, va = _split_pairs(len(pairs), cfg["train"]["val_fraction"])

@@ -103,7 +103,8 @@ def peer_worker(pacer: Pacer, iters: int = 2000) -> None:
 def llmlab_worker(pacer: Pacer, preset: str, overrides: dict, budget: float | None) -> None:
     """llmlab's trainer (pausing at each of its log events), then the fixed-batch validation loss."""
     import llmlab
-    from llmlab.train import resolve_config, train
+    from llmlab.train.config import resolve_config
+    from llmlab.train.loop import train
 
     chars, _, val = load_data()
     cfg = resolve_config(preset, None, {"data": str(DATA), "num_samples": 0, "log_interval": CHUNK, **overrides,

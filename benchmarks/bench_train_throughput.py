@@ -28,7 +28,8 @@ CHUNK = 10
 def worker(pacer: Pacer, side: str, c: dict, rounds: int) -> None:
     """Build one side, warm it up, then run `rounds` chunks of CHUNK steps."""
     from llmlab.runtime import keep_freed_memory
-    from llmlab.train import TrainConfig, make_optimizer
+    from llmlab.train.config import TrainConfig
+    from llmlab.train.loop import make_optimizer
 
     hf = hf_gpt2(c["n_layer"], c["n_head"], c["n_embd"], c["vocab"], 256).train()
     g = torch.Generator().manual_seed(0)

@@ -12,26 +12,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmlab.assistant import (
+from llmlab.chat import (
     ASSISTANT,
     END,
-    IGNORE,
-    MIN_BLOCK,
     SYSTEM,
     USER,
-    AssistantObjective,
-    chat_tokenizer,
     check_messages,
     encode_chat,
     encode_untrusted,
-    evaluate_assistant,
     has_chat_template,
-    make_dataset,
     render_chat,
-    train_assistant,
 )
 from llmlab.errors import LlmlabError
-from llmlab.train import Dist, resolve_config
+from llmlab.train.chat import (
+    MIN_BLOCK,
+    AssistantObjective,
+    chat_tokenizer,
+    evaluate_assistant,
+    make_dataset,
+    train_assistant,
+)
+from llmlab.train.config import resolve_config
+from llmlab.train.objective import IGNORE, Dist
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +189,7 @@ def test_assistant_follows_its_system_prompt(assistant_run: Path) -> None:
 def test_defence_lowers_attack_success_on_the_assistant(assistant_run: Path) -> None:
     from llmlab.security.scan.probes import load_probes
     from llmlab.security.scan.scanner import ScanConfig, paired_difference, run_scan
-    from llmlab.security.scan.targets import LlmlabChatTarget
+    from llmlab.security.targets import LlmlabChatTarget
 
     target = LlmlabChatTarget.load(assistant_run)
     probes = load_probes(["roleplay", "direct_injection", "leakage"])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import llmlab
-from llmlab.cli import VERBS, build_parser, main
+from llmlab.cli import BY_NAME, build_parser, main
 from llmlab.errors import ModelLoadError
 from llmlab.interop import minilm_path
 
@@ -52,7 +52,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
     """A finished 4-step run (module-scoped: copy it before changing it)."""
-    from llmlab.train import resolve_config, train
+    from llmlab.train.config import resolve_config
+    from llmlab.train.loop import train
 
     work = tmp_path_factory.mktemp("cli_run")
     cfg = resolve_config(overrides=dict(data=str(corpus), n_layer=1, n_head=4, n_embd=32, block_size=32,
@@ -91,7 +92,7 @@ def test_console_script_help_and_python_m_agree(tmp_path: Path) -> None:
 
 def all_verbs() -> list[str]:
     build_parser()  # registers the verbs of the extension modules too
-    return sorted(VERBS)
+    return sorted(BY_NAME)
 
 
 def test_every_verb_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,7 +107,7 @@ def test_every_verb_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_train_help_lists_every_override(capsys: pytest.CaptureFixture[str]) -> None:
-    from llmlab.train import valid_keys
+    from llmlab.train.config import valid_keys
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])

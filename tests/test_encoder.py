@@ -21,19 +21,13 @@ import llmlab
 from llmlab.checkpoint import save_run_model
 from llmlab.cli import main
 from llmlab.config import ModelConfig
-from llmlab.encoder import (
-    accuracy,
-    classify,
-    confusion_matrix,
-    macro_f1,
-    make_finetune_config,
-    mask_tokens,
-    per_class_scores,
-    split_examples,
-)
+from llmlab.metrics import accuracy, confusion_matrix, macro_f1, per_class_scores
 from llmlab.models import build_model
 from llmlab.tokenizers import CharTokenizer
-from llmlab.train import resolve_config, train
+from llmlab.train.classify import classify, make_finetune_config, split_examples
+from llmlab.train.config import resolve_config
+from llmlab.train.loop import train
+from llmlab.train.mlm import mask_tokens
 
 LINES = ["the cat sat on the mat.\n", "a dog ran in the park.\n", "the bird sang a song.\n"]
 TINY_BERT = dict(arch="bert", n_layer=2, n_head=4, n_embd=64, block_size=16, threads=1, eval_iters=4,

@@ -15,8 +15,9 @@ import llmlab
 from llmlab.cli import main
 from llmlab.data import load_corpus
 from llmlab.evaluate import perplexity, token_logprobs
-from llmlab.generate import GenerationConfig, generate_ids, generate_text, left_pad, process_logits
-from llmlab.train import resolve_config, train
+from llmlab.generate.causal import GenerationConfig, generate_ids, generate_text, left_pad, process_logits
+from llmlab.train.config import resolve_config
+from llmlab.train.loop import train
 
 LINES = ["the cat sat on the mat.\n", "a dog ran in the park.\n", "the bird sang a song.\n"]
 BLOCK = 32
@@ -240,7 +241,7 @@ def test_perplexity_cli_matches_library(run: Path, model: torch.nn.Module, tmp_p
 
 def test_decode_layout_matches_plain_linear_and_restores() -> None:
     from llmlab.config import ModelConfig
-    from llmlab.generate import decode_layout
+    from llmlab.generate.causal import decode_layout
     from llmlab.models import GPT
 
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import torch
 from llmlab.checkpoint import read_run_config
 from llmlab.security.privacy.canary import CanaryConfig, load_canaries, run_canary_experiment
 from llmlab.security.privacy.common import run_splits
-from llmlab.security.privacy.defenses import compare_runs
+from llmlab.security.privacy.compare import compare_runs
 from llmlab.security.privacy.mia import MIAConfig
 
 WORDS = ("the a one two red blue cat dog runs sits on under big small house tree river stone light dark "

@@ -28,7 +28,7 @@ from llmlab.security.privacy.canary import (
     score_space,
 )
 from llmlab.security.privacy.common import PrivacyError
-from llmlab.security.privacy.defenses import dedup_docs, minhash_signatures, near_duplicates
+from llmlab.security.privacy.dedup import dedup_docs, minhash_signatures, near_duplicates
 from llmlab.security.privacy.extract import NgramIndex, min_window_nll
 from llmlab.security.privacy.mia import bootstrap_auc, min_k, roc_auc, roc_curve, tpr_at_fpr
 from llmlab.security.targets import WhiteBox

@@ -17,7 +17,8 @@ from llmlab.security.privacy.common import PrivacyError, run_splits
 from llmlab.security.privacy.extract import ExtractConfig, run_extract
 from llmlab.security.privacy.mia import ATTACKS, MIAConfig, run_mia
 from llmlab.security.targets import WhiteBox
-from llmlab.train import resolve_config, train
+from llmlab.train.config import resolve_config
+from llmlab.train.loop import train
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
          "quebec romeo sierra tango uniform victor whiskey xray yankee zulu one two three four five six seven "

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from llmlab import runtime
 from llmlab.attention import MultiHeadAttention, fused_attention
 from llmlab.errors import ConfigError
-from llmlab.train import PRESETS, resolve_config, train
+from llmlab.train.config import PRESETS, resolve_config
+from llmlab.train.loop import train
 
 
 def _qkv(dtype: torch.dtype, T: int = 16) -> tuple[torch.Tensor, ...]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmlab.assistant import chat_tokenizer, make_dataset, render_chat
+from llmlab.chat import datamark, delimit, encode_base64, render_chat
 from llmlab.checkpoint import save_run_model
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
@@ -21,8 +21,8 @@ from llmlab.security.scan import detectors as det
 from llmlab.security.scan.defences import BLOCKED, WITHHELD, input_filter, prepare
 from llmlab.security.scan.probes import insert_at, load_probe_file, load_probes, parse_probes, split_payload
 from llmlab.security.scan.scanner import ScanConfig, bootstrap_ci, paired_difference, run_scan, write_scan_report
-from llmlab.security.scan.spotlight import datamark, delimit, encode_base64
-from llmlab.security.scan.targets import BatchChatTarget, LlmlabChatTarget, parse_target
+from llmlab.security.targets import BatchChatTarget, LlmlabChatTarget, parse_target
+from llmlab.train.chat import chat_tokenizer, make_dataset
 
 # ----------------------------------------------------------------------------- detectors
 
@@ -211,7 +211,7 @@ def test_scan_over_http_against_llmlab_serve(random_chat_run: Path, tmp_path: Pa
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from llmlab.cli import main
     from llmlab.interop import load
-    from llmlab.serve import ServeLimits, ServerThread, create_app
+    from llmlab.serve.app import ServeLimits, ServerThread, create_app
 
     model = load(random_chat_run)
     app = create_app(model, name="tiny", api_key="s3cret", limits=ServeLimits(max_tokens=16))

@@ -21,19 +21,14 @@ import llmlab
 from llmlab.cli import main
 from llmlab.config import ModelConfig
 from llmlab.datasets import reverse_words, write_dataset
-from llmlab.generate import GenerationConfig
+from llmlab.generate.causal import GenerationConfig
+from llmlab.generate.seq2seq import generate_seq2seq
+from llmlab.generate.seq2seq import generate_seq2seq_ids as generate_ids
+from llmlab.metrics import chrf, exact_match
 from llmlab.models import build_model
-from llmlab.seq2seq_train import (
-    chrf,
-    corrupt,
-    exact_match,
-    generate_ids,
-    generate_seq2seq,
-    make_batch,
-    seq2seq_loss,
-    span_noise,
-)
-from llmlab.train import resolve_config, train
+from llmlab.train.config import resolve_config
+from llmlab.train.loop import train
+from llmlab.train.seq2seq import corrupt, make_batch, seq2seq_loss, span_noise
 
 TINY = dict(arch="seq2seq", n_layer=2, n_dec_layer=2, n_head=4, n_embd=64, block_size=32, threads=1,
             batch_size=32, eval_iters=1, num_samples=2, log_interval=5)

@@ -17,13 +17,15 @@ import openai
 import pytest
 import torch
 
-from llmlab.assistant import chat_generate, chat_tokenizer, generate_from_ids, make_dataset, render_chat
+from llmlab.chat import render_chat
 from llmlab.checkpoint import save_run_model
 from llmlab.config import ModelConfig
-from llmlab.generate import GenerationConfig
+from llmlab.generate.causal import GenerationConfig
+from llmlab.generate.chat import chat_generate, generate_from_ids
 from llmlab.models import build_model
-from llmlab.serve import ServeLimits, ServerThread, create_app
+from llmlab.serve.app import ServeLimits, ServerThread, create_app
 from llmlab.tokenizers import CharTokenizer
+from llmlab.train.chat import chat_tokenizer, make_dataset
 
 KEY = "test-key-123"
 

@@ -23,7 +23,8 @@ from llmlab.data import BatchSampler, prepare
 from llmlab.errors import ConfigError
 from llmlab.models import build_model
 from llmlab.tokenizers import load_tokenizer
-from llmlab.train import PRESETS, TrainConfig, lr_at, make_optimizer, resolve_config, train, valid_keys
+from llmlab.train.config import PRESETS, TrainConfig, resolve_config, valid_keys
+from llmlab.train.loop import lr_at, make_optimizer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"

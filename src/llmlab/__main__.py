@@ -1,5 +1,5 @@
 """`python -m llmlab` is the `llmlab` command."""
 
-from .cli import main
+from llmlab.cli import main
 
 raise SystemExit(main())

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes, atomic_write_json
-from .errors import DataError
-from .tokenizers import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
+from llmlab.checkpoint import atomic_write_bytes, atomic_write_json
+from llmlab.errors import DataError
+from llmlab.tokenizers import BPETokenizer, CharTokenizer, Tokenizer, WordPieceTokenizer, load_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md")
 DOC_SPLIT_MIN_DOCS = 10  # with fewer documents the split is by characters
@@ -134,7 +134,6 @@ def _train_wordpiece(train_docs: list[str], vocab_size: int, specials: Sequence[
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-    from .tokenizers import WordPieceTokenizer
 
     base = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     hf = HFTokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
@@ -245,3 +244,14 @@ class BatchSampler:
 
     def set_state(self, s: torch.Tensor) -> None:
         self.gen.set_state(s)
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T), mask (B, T)) right-padded to the longest sequence."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask

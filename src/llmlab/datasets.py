@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_bytes
-from .errors import DataError
+from llmlab.checkpoint import atomic_write_bytes
+from llmlab.errors import DataError
 
 _UNDERLINE = re.compile(r"[*=\-^~#]{3,}")
 _RULE = re.compile(r"[\s+\-=|*~^#]+")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import LlmlabError
+from llmlab.errors import LlmlabError
 
 
 @torch.inference_mode()

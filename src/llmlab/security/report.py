@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write_bytes, atomic_write_json, sha256_file
+from llmlab.checkpoint import atomic_write_bytes, atomic_write_json, sha256_file
 
 REPORT_FILES = ("report.json", "report.html", "report.md")
 

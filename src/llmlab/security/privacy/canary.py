@@ -28,11 +28,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...attention import KVCache
-from ...checkpoint import atomic_write_json
-from ...data import load_corpus, split_corpus
-from ..targets import WhiteBox
-from .common import Callback, PrivacyError, Stage, batch_logprobs, quiet
+from llmlab.attention import KVCache
+from llmlab.checkpoint import atomic_write_bytes, atomic_write_json
+from llmlab.data import load_corpus, split_corpus
+from llmlab.generate.causal import GenerationConfig, generate_ids
+from llmlab.security.privacy.common import Callback, PrivacyError, Stage, batch_logprobs, quiet
+from llmlab.security.privacy.dedup import dedup_docs
+from llmlab.security.privacy.dp import DPConfig, train_dp
+from llmlab.security.targets import WhiteBox
+from llmlab.train.config import resolve_config
+from llmlab.train.loop import train
 
 SLOTS = {"d": "0123456789", "l": "abcdefghijklmnopqrstuvwxyz", "L": "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 SLOT_RE = re.compile(r"\{([^{}]*)\}")
@@ -206,7 +211,6 @@ def write_corpus(path: str | Path, train: Sequence[str], val: Sequence[str]) -> 
     llmlab.data.split_corpus give back exactly this split."""
     train = [d for d in train if d]  # split_corpus drops empty documents (e.g. emptied by dedup)
     lines = "".join(json.dumps({"text": d}) + "\n" for d in [*train, *val])
-    from ...checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, lines.encode())
     n = len(train) + len(val)
@@ -366,7 +370,6 @@ def beam_extract(wb: WhiteBox, fmt: CanaryFormat, beam: int) -> list[tuple[str, 
 @torch.no_grad()
 def greedy_free(wb: WhiteBox, fmt: CanaryFormat) -> str:
     """Unconstrained greedy continuation of the prefix, as many tokens as the canary has characters."""
-    from ...generate import GenerationConfig, generate_ids
 
     ids = _context_ids(wb, fmt)
     tok = wb.tokenizer
@@ -526,8 +529,6 @@ def find_canaries(run: str | Path) -> Path | None:
 def run_canary_experiment(cfg: CanaryConfig, out: str | Path, callback: Callback | None = None) -> CanaryExperiment:
     """Draw canaries, insert them into the corpus (optionally deduplicate it), train a model (normally or
     with DP-SGD) into out/run, and measure every canary's exposure."""
-    from ...train import resolve_config, train
-    from .defenses import DPConfig, dedup_docs, train_dp
 
     cb = callback or quiet
     out = Path(out)

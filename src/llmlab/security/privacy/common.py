@@ -13,10 +13,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...checkpoint import read_run_config
-from ...data import load_corpus, split_corpus
-from ...errors import LlmlabError
-from ..targets import WhiteBox
+from llmlab.checkpoint import read_run_config
+from llmlab.data import load_corpus, split_corpus
+from llmlab.errors import LlmlabError
+from llmlab.security.targets import WhiteBox
 
 # callback(event, info): "stage" {name, total} starts a progress task, "advance" {name, n} moves it,
 # "done" {name} ends it, "warning" {text}; trainer events (start, log, eval, end) are passed through.

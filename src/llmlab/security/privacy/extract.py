@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..targets import WhiteBox
-from .common import Callback, PrivacyError, Stage, batch_logprobs, quiet
+from llmlab.generate.causal import GenerationConfig, generate_ids
+from llmlab.security.privacy.common import Callback, PrivacyError, Stage, batch_logprobs, quiet
+from llmlab.security.targets import WhiteBox
 
 # ----------------------------------------------------------------------------- the n-gram index
 
@@ -197,7 +198,6 @@ def run_extract(wb: WhiteBox, train_docs: Sequence[str], cfg: ExtractConfig, ref
                 prefix_docs: Sequence[str] = (), callback: Callback | None = None) -> ExtractResult:
     """Sample, rank by each metric, check verbatim memorisation against the training split; report the
     precision of every metric's top `cfg.top` samples and the memorised samples found."""
-    from ...generate import GenerationConfig, generate_ids
 
     cb = callback or quiet
     if cfg.samples < 1 or cfg.k < 1:

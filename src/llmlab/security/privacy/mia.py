@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..targets import WhiteBox
-from .common import Callback, PrivacyError, Stage, batch_logprobs, chunk_docs, quiet, sample_docs
+from llmlab.security.privacy.common import Callback, PrivacyError, Stage, batch_logprobs, chunk_docs, quiet, sample_docs
+from llmlab.security.privacy.extract import NgramIndex
+from llmlab.security.targets import WhiteBox
 
 ATTACKS = ("loss", "reference", "zlib", "min_k", "min_k++", "neighbourhood")
 
@@ -238,7 +239,6 @@ def overlap_fraction(nonmembers: Sequence[str], train: Sequence[str], wb: WhiteB
                      threshold: float = 0.5) -> float:
     """Share of non-member documents of which at least `threshold` of the n-token windows occur verbatim
     in the training documents (or that are training documents)."""
-    from .extract import NgramIndex
 
     train_set = set(train)
     index = NgramIndex([wb.encode(d) for d in train], n)

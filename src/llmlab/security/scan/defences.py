@@ -13,7 +13,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from .spotlight import NOTES, spotlight
+from llmlab.chat import NOTES, spotlight
 
 DEFENCES = ("none", "delimit", "datamark", "encode", "canary", "filter")
 BLOCKED = "[blocked by the input filter]"

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from ...errors import LlmlabError
+from llmlab.errors import LlmlabError
 
 SUCCESS_DETECTORS = ("secret_leak", "canary_leak", "marker", "regex", "complied")
 POSITIONS = ("start", "middle", "end")

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
+from llmlab.interop import load
+
 
 @lru_cache(maxsize=1)
 def _minilm() -> Any:
-    from ...interop import load
 
     return load("minilm")
 

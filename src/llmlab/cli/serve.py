@@ -7,8 +7,9 @@ import ipaddress
 import os
 import sys
 
-from .cli import verb
-from .errors import LlmlabError
+from llmlab.cli.common import verb
+from llmlab.errors import LlmlabError
+from llmlab.serve.app import ServeLimits, asgi_app, create_app, load_for_serving
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +33,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from .serve import ServeLimits, asgi_app, create_app, load_for_serving
 
     if not 0 <= a.port <= 65535:
         raise LlmlabError(f"--port {a.port} is not a port number (0-65535)")

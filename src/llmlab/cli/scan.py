@@ -7,8 +7,11 @@ import argparse
 import time
 from pathlib import Path
 
-from ..cli import console, verb
-from ..errors import LlmlabError
+from llmlab.cli.common import console, verb
+from llmlab.errors import LlmlabError
+from llmlab.security.scan.probes import load_probes
+from llmlab.security.scan.scanner import SCAN_SYSTEM, ScanConfig, run_scan, write_scan_report
+from llmlab.security.targets import LlmlabChatTarget, parse_target
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -38,9 +41,6 @@ def cmd_scan(a: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from .scan.probes import load_probes
-    from .scan.scanner import SCAN_SYSTEM, ScanConfig, run_scan, write_scan_report
-    from .scan.targets import LlmlabChatTarget, parse_target
 
     probes = load_probes(a.probes)
     if a.family:

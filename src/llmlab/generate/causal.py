@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .errors import LlmlabError
+from llmlab.errors import LlmlabError
 
 
 @dataclass

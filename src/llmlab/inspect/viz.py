@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np
+import torch  # noqa: E402
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
@@ -84,4 +85,26 @@ def loss_curves(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, flo
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+
+
+def confusion_png(matrix: np.ndarray, labels: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """The confusion matrix as a heat map with counts (rows: true label, columns: predicted)."""
+
+    n = len(labels)
+    short = [lab if len(lab) <= 28 else lab[:26] + "…" for lab in labels]
+    fig, ax = plt.subplots(figsize=(0.7 * n + 3.5, 0.6 * n + 2.5))
+    norm = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(n), short, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), short, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title(title or "confusion matrix (held-out split)")
     return _save(fig, path)

@@ -7,9 +7,9 @@ import json
 import webbrowser
 from pathlib import Path
 
-from ..cli import console, verb
-from ..errors import LlmlabError
-from .report import find_reports
+from llmlab.cli.common import console, verb
+from llmlab.errors import LlmlabError
+from llmlab.security.report import find_reports
 
 
 def _args(p: argparse.ArgumentParser) -> None:

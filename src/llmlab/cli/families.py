@@ -8,8 +8,11 @@ import json
 import time
 from pathlib import Path
 
-from llmlab.cli import TrainProgress, console, verb
+from llmlab.cli.common import TrainProgress, console, verb
+from llmlab.datasets import GENERATORS, make_dataset, write_dataset
 from llmlab.errors import LlmlabError
+from llmlab.train.classify import classify, make_finetune_config
+from llmlab.train.loop import load_run_for_resume, train
 
 # ----------------------------------------------------------------------------- finetune
 
@@ -39,8 +42,6 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 def cmd_finetune(a: argparse.Namespace) -> int:
     import dataclasses
 
-    from llmlab.encoder import make_finetune_config
-    from llmlab.train import load_run_for_resume, train
 
     names = ("text_field", "label_field", "val_fraction", "max_iters", "max_time", "batch_size", "lr", "max_len",
              "label_smoothing", "eval_interval", "checkpoint_every", "seed", "threads")
@@ -94,7 +95,6 @@ def _classify_args(p: argparse.ArgumentParser) -> None:
 
 @verb("classify", "label a text with a fine-tuned classifier and show the class probabilities", _classify_args)
 def cmd_classify(a: argparse.Namespace) -> int:
-    from llmlab.encoder import classify
 
     results = classify(a.run, a.text)
     if a.json:
@@ -113,7 +113,6 @@ def cmd_classify(a: argparse.Namespace) -> int:
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
-    from llmlab.datasets import GENERATORS
 
     p.add_argument("name", choices=sorted(GENERATORS), help="which data set to write")
     p.add_argument("--out", required=True, help="the file to write (.csv or .jsonl)")
@@ -132,7 +131,6 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
 def cmd_dataset(a: argparse.Namespace) -> int:
     from collections import Counter
 
-    from llmlab.datasets import make_dataset, write_dataset
 
     out = Path(a.out)
     if out.suffix.lower() not in (".csv", ".jsonl"):

@@ -27,9 +27,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .assistant import Completion, check_messages, generate_from_ids, prompt_ids
-from .errors import LlmlabError
-from .generate import GenerationConfig
+from llmlab.chat import check_messages
+from llmlab.errors import LlmlabError
+from llmlab.generate.causal import GenerationConfig
+from llmlab.generate.chat import Completion, generate_from_ids, prompt_ids
+from llmlab.interop import load
 
 
 @dataclass
@@ -454,7 +456,6 @@ def asgi_app(app: FastAPI) -> Any:
 
 def load_for_serving(path: str) -> torch.nn.Module:
     """The model of a run folder (or Hugging Face GPT-2 folder) checked for serving."""
-    from .interop import load
 
     model = load(path)
     if model.config.arch != "gpt" or model.tokenizer is None:

@@ -10,9 +10,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli import console, verb
-from ..errors import LlmlabError
-from .report import Section, figure_png, write_report
+from llmlab.checkpoint import atomic_write_bytes
+from llmlab.cli.common import console, verb
+from llmlab.data import load_corpus
+from llmlab.errors import LlmlabError
+from llmlab.security.privacy.canary import (
+    DEFAULT_FORMAT,
+    CanaryConfig,
+    CanaryFormat,
+    find_canaries,
+    load_canaries,
+    measure_exposure,
+    plot_exposure,
+    plot_histogram,
+    run_canary_experiment,
+)
+from llmlab.security.privacy.common import run_splits
+from llmlab.security.privacy.compare import compare_runs
+from llmlab.security.privacy.dedup import dedup_docs
+from llmlab.security.privacy.extract import ExtractConfig, run_extract
+from llmlab.security.privacy.mia import ATTACKS, MIAConfig, overlap_fraction, plot_roc, run_mia
+from llmlab.security.report import Section, figure_png, write_report
+from llmlab.security.targets import WhiteBox
 
 # ----------------------------------------------------------------------------- progress
 
@@ -100,13 +119,11 @@ def _sets(items: list[str]) -> dict[str, Any]:
 
 
 def _load_wb(path: str):  # noqa: ANN202
-    from .targets import WhiteBox
 
     return WhiteBox.load(path)
 
 
 def _read_docs(path: str, flag: str) -> list[str]:
-    from ..data import load_corpus
 
     if not Path(path).exists():
         raise LlmlabError(f"{flag} {path}: no such file or folder")
@@ -122,7 +139,6 @@ def _done(out: Path, seconds: float) -> None:
 
 
 def _canary_args(p: argparse.ArgumentParser) -> None:
-    from .privacy.canary import DEFAULT_FORMAT
 
     p.add_argument("--format", default=DEFAULT_FORMAT,
                    help="canary format; slots {d} digit, {l} lowercase letter, {L} uppercase letter "
@@ -163,7 +179,6 @@ def _dp_config(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def canary_sections(res: Any, title: str = "Canaries") -> list[Section]:
-    from .privacy.canary import plot_exposure, plot_histogram
 
     rows = []
     for c in res.canaries:
@@ -192,14 +207,6 @@ class _Timer:
 
 
 def cmd_canary(a: argparse.Namespace) -> int:
-    from .privacy.canary import (
-        CanaryConfig,
-        CanaryFormat,
-        find_canaries,
-        load_canaries,
-        measure_exposure,
-        run_canary_experiment,
-    )
 
     timer = _Timer()
     out = _out(a, "canary")
@@ -253,7 +260,6 @@ def cmd_canary(a: argparse.Namespace) -> int:
 
 
 def _mia_args(p: argparse.ArgumentParser) -> None:
-    from .privacy.mia import ATTACKS
 
     p.add_argument("run", help="an llmlab run folder (members = its train split, non-members = its val split) "
                    "or a Hugging Face GPT-2 folder with --members/--nonmembers")
@@ -273,7 +279,6 @@ def _mia_args(p: argparse.ArgumentParser) -> None:
 
 
 def mia_sections(res: Any, title: str = "Membership inference") -> list[Section]:
-    from .privacy.mia import plot_roc
 
     rows = []
     for name, r in res.attacks.items():
@@ -289,8 +294,6 @@ def mia_sections(res: Any, title: str = "Membership inference") -> list[Section]
 
 
 def cmd_mia(a: argparse.Namespace) -> int:
-    from .privacy.common import run_splits
-    from .privacy.mia import MIAConfig, overlap_fraction, run_mia
 
     timer = _Timer()
     out = _out(a, "mia")
@@ -361,8 +364,6 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    from .privacy.common import run_splits
-    from .privacy.extract import ExtractConfig, run_extract
 
     timer = _Timer()
     out = _out(a, "extract")
@@ -432,9 +433,6 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from .privacy.canary import plot_exposure
-    from .privacy.defenses import compare_runs
-    from .privacy.mia import MIAConfig
 
     timer = _Timer()
     out = _out(a, "compare")
@@ -464,7 +462,6 @@ def cmd_compare(a: argparse.Namespace) -> int:
                                             ["cost (nats/token)", round(res.val_loss["cost"], 4)],
                                             ["perplexity ratio", round(res.val_loss["cost_ppl_ratio"], 4)],
                                             ["epsilon (defended)", eps if eps is not None else "-"]]))
-    from .privacy.mia import plot_roc
 
     for label in ("baseline", "defended"):
         sections[-1].figures[f"ROC {label}"] = figure_png(plot_roc(res.attacks[label], label))
@@ -502,9 +499,6 @@ def _dedup_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_dedup(a: argparse.Namespace) -> int:
-    from ..checkpoint import atomic_write_bytes
-    from ..data import load_corpus
-    from .privacy.defenses import dedup_docs
 
     timer = _Timer()
     out = _out(a, "dedup")

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .errors import LlmlabError
+from llmlab.errors import LlmlabError
 
 
 @dataclass
@@ -128,3 +129,18 @@ def rank_heads(maps: AttentionMaps, query: str, key: str, skip_special: bool = F
     flat = [(layer, head, float(score[layer, head])) for layer in range(score.size(0))
             for head in range(score.size(1))]
     return sorted(flat, key=lambda t: -t[2])
+
+
+
+
+def cross_attention_rows(maps: Any, top: int = 3) -> list[tuple[str, list[tuple[str, float]]]]:
+    """For each output token, the source tokens its prediction attended to most (cross-attention averaged
+    over every decoder layer and head): [(output token, [("token@position", weight)])]. Decoder position i reads
+    target token i and predicts token i + 1, so row i is where output token i + 1 was chosen."""
+    mean = maps.cross.mean((0, 1))  # (T_tgt, T_src)
+    out = []
+    for i in range(len(maps.target_tokens) - 1):
+        w = mean[i]
+        best = torch.argsort(w, descending=True)[:top].tolist()
+        out.append((maps.target_tokens[i + 1], [(f"{maps.tokens[j]}@{j}", float(w[j])) for j in best]))
+    return out

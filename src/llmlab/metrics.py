@@ -1,0 +1,86 @@
+"""Metrics shared by objectives and labs: accuracy, per-class scores, macro-F1, exact match, chrF."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) counts: row = true class, column = predicted class."""
+    m = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(m, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return m
+
+
+def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Fraction of predictions equal to the truth."""
+    yt, yp = np.asarray(y_true), np.asarray(y_pred)
+    return float((yt == yp).mean()) if len(yt) else float("nan")
+
+
+def per_class_scores(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> dict[str, np.ndarray]:
+    """Precision TP/(TP+FP), recall TP/(TP+FN), F1 = 2TP/(2TP+FP+FN) and support per class (0 where a
+    denominator is 0, as scikit-learn's zero_division=0)."""
+    m = confusion_matrix(y_true, y_pred, n_classes)
+    tp = np.diag(m).astype(float)
+    fp, fn = m.sum(0) - tp, m.sum(1) - tp
+
+    def div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    return {"precision": div(tp, tp + fp), "recall": div(tp, tp + fn), "f1": div(2 * tp, 2 * tp + fp + fn),
+            "support": m.sum(1), "predicted": m.sum(0)}
+
+
+def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> float:
+    """Unweighted mean of the per-class F1 over the classes that occur in the truth or the predictions
+    (scikit-learn's f1_score(average="macro"))."""
+    s = per_class_scores(y_true, y_pred, n_classes)
+    present = (s["support"] + s["predicted"]) > 0
+    return float(s["f1"][present].mean()) if present.any() else float("nan")
+
+
+
+
+def _char_ngrams(text: str, n: int) -> Counter:
+    s = "".join(text.split())  # chrF ignores whitespace
+    return Counter(s[i:i + n] for i in range(len(s) - n + 1))
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str], n: int = 6, beta: float = 2.0) -> float:
+    """Corpus chrF (Popović 2015, "chrF: character n-gram F-score for automatic MT evaluation"), 0-100.
+
+    For each order k = 1..n, character k-gram counts (whitespace removed) are matched between hypothesis and
+    reference and summed over the corpus: chrP_k = matches / hypothesis k-grams, chrR_k = matches /
+    reference k-grams. chrP and chrR are their arithmetic means over the orders that occur, and
+        chrF_beta = (1 + beta^2) chrP chrR / (beta^2 chrP + chrR),
+    beta = 2 weighting recall twice as much as precision."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    precs, recs = [], []
+    for k in range(1, n + 1):
+        match = hyp_total = ref_total = 0
+        for h, r in zip(hypotheses, references):
+            hc, rc = _char_ngrams(h, k), _char_ngrams(r, k)
+            match += sum((hc & rc).values())
+            hyp_total += sum(hc.values())
+            ref_total += sum(rc.values())
+        if hyp_total == 0 and ref_total == 0:
+            continue
+        precs.append(match / hyp_total if hyp_total else 0.0)
+        recs.append(match / ref_total if ref_total else 0.0)
+    if not precs:
+        return 100.0  # empty hypotheses for empty references
+    p, r = sum(precs) / len(precs), sum(recs) / len(recs)
+    b2 = beta * beta
+    return 100.0 * (1 + b2) * p * r / (b2 * p + r) if (p + r) > 0 else 0.0
+
+
+def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of hypotheses equal to their reference (surrounding whitespace ignored)."""
+    if not references:
+        return float("nan")
+    return sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(references)
