@@ -297,8 +297,8 @@ def test_seq2seq_resume_is_exact(letters: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("content,expected", [
     ('{"source": "a", "target": "b"}\n["a", "b"]\n', "not a JSON object"),
-    ('{"source": "a", "target": "b"}\n{"source": "c"}\n', 'no "target" field'),
-    ('{"input": "a", "output": "b"}\n', 'no "source" field'),
+    ('{"source": "a", "target": "b"}\n{"source": "c"}\n', "has no field 'target'"),
+    ('{"input": "a", "output": "b"}\n', "has no field 'source'"),
     ('{"source": "a", "target": "b"}\n{"source": "c", "target": 3}\n', "not a string"),
     ('{"source": "a", "target": "b"}\n{"source": "c", "target"\n', "not valid JSON"),
 ])
@@ -320,7 +320,8 @@ def test_bad_pairs_in_a_real_process(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "llmlab", "train", "--arch", "seq2seq", "--data", str(data),
                         "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "pairs.jsonl:2 is not a JSON object" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "pairs.jsonl:2 has no field 'source': it is not a JSON object" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_beams_on_a_decoder_only_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,17 +52,36 @@ def _read_text(path: Path, errors: str) -> str:
     return _decode(raw, str(path), errors)
 
 
-def _read_jsonl(path: Path, field: str, errors: str) -> list[str]:
-    docs = []
-    for n, line in enumerate(_read_text(path, errors).splitlines(), 1):
+def read_jsonl(path: str | Path, required: Sequence[str] = (), example: str = "", errors: str = "strict"
+               ) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file. A line that is not a JSON object, or
+    lacks one of the `required` fields, raises a DataError naming the file, the line and `example` (the
+    shape one line should have)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file" + (f"; give a JSONL file with one {example} per line" if example else ""))
+    shape = f"; write one {example} per line" if example else ""
+    rows = []
+    for n, line in enumerate(_read_text(p, errors).splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); fix that line") from None
-        if not isinstance(obj, dict) or field not in obj:
-            raise DataError(f"{path}:{n} has no field {field!r}; name the text field with --text-field")
+            raise DataError(f"{p}:{n} is not valid JSON ({e.msg}); fix that line") from None
+        if not isinstance(obj, dict):
+            what = f"has no field {required[0]!r}: it" if required else ""
+            raise DataError(f"{p}:{n} {what} is not a JSON object{shape}".replace("  ", " "))
+        missing = [f for f in required if f not in obj]
+        if missing:
+            raise DataError(f"{p}:{n} has no field {missing[0]!r}{shape}")
+        rows.append((n, obj))
+    return rows
+
+
+def _read_jsonl(path: Path, field: str, errors: str) -> list[str]:
+    docs = []
+    for n, obj in read_jsonl(path, (field,), f'{{"{field}": ...}} (name the text field with --text-field)', errors):
         if not isinstance(obj[field], str):
             raise DataError(f"{path}:{n}: field {field!r} is not a string")
         docs.append(obj[field])

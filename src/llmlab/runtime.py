@@ -63,3 +63,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
+
+
+def autocast(dtype: str) -> torch.autocast:
+    """The autocast context of a training dtype: bf16 autocast on the CPU for "bfloat16", a no-op otherwise."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")

@@ -4,7 +4,6 @@ refusals), its training objective (loss on the assistant tokens only) and its ev
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,9 +16,11 @@ import torch.nn.functional as F
 from llmlab.chat import CHAT_SPECIALS, NOTES, check_messages, encode_chat, render_chat, spotlight
 from llmlab.checkpoint import atomic_write_bytes, atomic_write_json
 from llmlab.config import ModelConfig
+from llmlab.data import read_jsonl
 from llmlab.errors import DataError, LlmlabError
 from llmlab.generate.causal import GenerationConfig
 from llmlab.generate.chat import chat_generate
+from llmlab.runtime import autocast
 from llmlab.security.scan.detectors import refusal, secret_leak
 from llmlab.tokenizers import BPETokenizer, CharTokenizer
 from llmlab.train.config import resolve_config
@@ -225,19 +226,13 @@ def chat_tokenizer(texts: Sequence[str], kind: str = "char", vocab_size: int = 1
 
 
 def _read_chat_jsonl(path: str) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"--data {path}: no such file; give a JSONL file with one {{\"messages\": [...]}} per line")
     out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    example = '{"messages": [{"role": ..., "content": ...}, ...]}'
+    for n, row in read_jsonl(path, ("messages",), example):
         try:
-            row = json.loads(line)
             msgs = check_messages(row["messages"])
-        except (json.JSONDecodeError, KeyError, TypeError, LlmlabError) as e:
-            raise DataError(f"{path}:{n}: not a chat example ({e}); each line needs "
-                            '{"messages": [{"role": ..., "content": ...}, ...]}') from None
+        except (TypeError, LlmlabError) as e:
+            raise DataError(f"{path}:{n}: not a chat example ({e}); each line needs {example}") from None
         out.append({"messages": msgs, "kind": row.get("kind", "data"), "secret": row.get("secret")})
     if len(out) < 10:
         raise DataError(f"{path} has {len(out)} chat examples; give at least 10")
@@ -327,7 +322,7 @@ class AssistantObjective(Objective):
             losses = []
             for _ in range(min(t.eval_iters, max(1, len(enc) // micro))):
                 idx = torch.randint(len(enc), (micro,), generator=g).tolist()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.dtype == "bfloat16"):
+                with autocast(t.dtype):
                     losses.append(self.loss(model, self._batch(enc, idx)).item())
             out[split] = sum(losses) / len(losses)
         return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,12 +14,12 @@ import torch.nn.functional as F
 
 from llmlab.checkpoint import atomic_write_json, is_run_folder, read_run_config
 from llmlab.config import ModelConfig
-from llmlab.data import pad_batch
+from llmlab.data import pad_batch, read_jsonl
 from llmlab.errors import ConfigError, DataError, LlmlabError, ModelLoadError
 from llmlab.inspect.viz import confusion_png
 from llmlab.interop import load
 from llmlab.metrics import accuracy, confusion_matrix, macro_f1, per_class_scores
-from llmlab.runtime import unwrap
+from llmlab.runtime import autocast, unwrap
 from llmlab.tokenizers import load_tokenizer
 from llmlab.train.config import RunConfig, resolve_config
 from llmlab.train.objective import Objective, _gen
@@ -39,20 +38,9 @@ def read_labelled(path: str | Path, text_field: str = "text", label_field: str =
         raise DataError(f"{p} is not UTF-8 text; convert it to UTF-8") from None
     texts, labels = [], []
     if p.suffix.lower() == ".jsonl":
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{n} is not valid JSON ({e.msg}); fix that line") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{p}:{n} is not a JSON object; write one {{\"{text_field}\": ..., "
-                                f"\"{label_field}\": ...}} object per line")
-            missing = [f for f in (text_field, label_field) if f not in obj]
-            if missing:
-                raise DataError(f"{p}:{n} has no field {missing[0]!r}; name the fields with --text-field / "
-                                "--label-field")
+        example = (f'{{"{text_field}": ..., "{label_field}": ...}} object (name the fields with --text-field / '
+                   "--label-field)")
+        for n, obj in read_jsonl(p, (text_field, label_field), example):
             if not isinstance(obj[text_field], str) or isinstance(obj[label_field], (dict, list)):
                 raise DataError(f"{p}:{n}: {text_field!r} must be a string and {label_field!r} a string or number")
             texts.append(obj[text_field])
@@ -220,7 +208,7 @@ class ClassifyObjective(Objective):
         bs = max(1, self.global_batch)
         for i in range(0, len(xs), bs):
             ids, mask = pad_batch(xs[i:i + bs], self.pad_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.dtype == "bfloat16"):
+            with autocast(self.cfg.train.dtype):
                 outs.append(class_logits(model, ids, mask).float())
         logits = torch.cat(outs)
         return logits, logits.argmax(-1)

@@ -14,6 +14,7 @@ from llmlab.checkpoint import (
 from llmlab.config import ModelConfig
 from llmlab.data import DEFAULT_SOURCE, BatchSampler, prepare
 from llmlab.generate.causal import GenerationConfig, generate_text
+from llmlab.runtime import autocast
 from llmlab.train.objective import Objective
 
 
@@ -63,7 +64,7 @@ class LMObjective(Objective):
             sampler = BatchSampler(ids, block, t.batch_size // t.grad_accum, t.seed + 7)
             losses = []
             for _ in range(t.eval_iters):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.dtype == "bfloat16"):
+                with autocast(t.dtype):
                     losses.append(lm_loss(model, *sampler.next()).item())
             out[split] = sum(losses) / len(losses)
         return out

@@ -13,7 +13,7 @@ from llmlab.checkpoint import atomic_write_bytes, atomic_write_json
 from llmlab.config import ModelConfig
 from llmlab.data import DEFAULT_SOURCE, BatchSampler, load_corpus, split_corpus
 from llmlab.errors import ConfigError
-from llmlab.runtime import unwrap
+from llmlab.runtime import autocast, unwrap
 from llmlab.train.objective import IGNORE, Objective, _gen
 
 MLM_SPECIALS = ["<|pad|>", "<|mask|>", "<|cls|>", "<|sep|>"]
@@ -128,7 +128,7 @@ class MLMObjective(Objective):
         for _ in range(t.eval_iters):
             x, _ = sampler.next()
             inp, lab = self._mask(x, gen)  # (B, T)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.dtype == "bfloat16"):
+            with autocast(t.dtype):
                 logits, target = self._logits(model, inp, lab)
             total += F.cross_entropy(logits.float(), target, reduction="sum").item()
             correct += int((logits.argmax(-1) == target).sum())

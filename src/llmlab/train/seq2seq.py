@@ -15,11 +15,12 @@ import torch.nn.functional as F
 
 from llmlab.checkpoint import atomic_write_bytes, atomic_write_json
 from llmlab.config import ModelConfig
-from llmlab.data import DEFAULT_SOURCE, load_corpus, pad_batch, split_corpus
+from llmlab.data import DEFAULT_SOURCE, load_corpus, pad_batch, read_jsonl, split_corpus
 from llmlab.errors import ConfigError, DataError
 from llmlab.generate.causal import GenerationConfig
 from llmlab.generate.seq2seq import decode_target, generate_seq2seq_ids, seq2seq_roles
 from llmlab.metrics import chrf, exact_match
+from llmlab.runtime import autocast
 from llmlab.train.objective import IGNORE, Objective
 
 N_SENTINELS = 32
@@ -76,25 +77,9 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     """(source, target) pairs of a JSONL file of {"source": str, "target": str} objects."""
     p = Path(path)
     pairs = []
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"{p} is not UTF-8 text; convert it to UTF-8") from None
-    except OSError as e:
-        raise DataError(f"cannot read {p}: {e.strerror}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{n} is not valid JSON ({e.msg}); fix that line") from None
-        if not isinstance(obj, dict):
-            raise DataError(f'{p}:{n} is not a JSON object; write one {{"source": ..., "target": ...}} per line')
+    example = '{"source": ..., "target": ...} object (or {"text": ...} lines to train by denoising)'
+    for n, obj in read_jsonl(p, ("source", "target"), example):
         for f in ("source", "target"):
-            if f not in obj:
-                raise DataError(f'{p}:{n} has no "{f}" field; write one {{"source": ..., "target": ...}} per line '
-                                '(or {"text": ...} lines to train by denoising)')
             if not isinstance(obj[f], str):
                 raise DataError(f'{p}:{n}: "{f}" is not a string; give source and target as text')
         pairs.append((obj["source"], obj["target"]))
@@ -273,7 +258,7 @@ class Seq2SeqObjective(Objective):
         bs = max(1, self.global_batch)
         for i in range(0, len(ex), bs):
             b = make_batch(ex[i:i + bs], self.bos, self.pad)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.dtype == "bfloat16"):
+            with autocast(self.cfg.train.dtype):
                 logits = model(b.src, b.dec_in, b.src_mask).float()
             sel = b.labels != IGNORE
             total += F.cross_entropy(logits[sel], b.labels[sel], reduction="sum").item()
