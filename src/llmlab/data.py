@@ -119,12 +119,39 @@ def load_corpus(data: str | None = None, text_field: str = "text", encoding_erro
     return docs
 
 
-def split_corpus(docs: list[str], val_fraction: float = 0.1) -> tuple[list[str], list[str]]:
-    """Deterministic train/val split taken from the end (as nanoGPT does): the last documents when there
-    are at least 10, else the last characters of the joined text."""
+SPLITS = ("end", "random", "chunks")
+SPLIT_CHUNK_CHARS = 256  # the piece size of the "chunks" split
+
+
+def split_corpus(docs: list[str], val_fraction: float = 0.1, mode: str = "end", seed: int = 0
+                 ) -> tuple[list[str], list[str]]:
+    """Deterministic train/val split.
+
+    end     taken from the end (as nanoGPT does): the last documents when there are at least 10, else the
+            last characters of the joined text. Val is then the corpus's tail: a shifted sample of it.
+    random  documents drawn i.i.d. (a seeded permutation) when there are at least 10, else as "chunks".
+    chunks  the joined text cut into pieces of SPLIT_CHUNK_CHARS characters, a seeded random
+            ceil(fraction * n) of them held out: i.i.d. pieces, and the fraction holds in characters.
+    Membership inference needs "random" or "chunks": members and non-members from the same distribution."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    if mode not in SPLITS:
+        raise DataError(f"--split {mode!r} is not one of {', '.join(SPLITS)}")
     docs = [d for d in docs if d]
+    if mode == "random" and len(docs) >= DOC_SPLIT_MIN_DOCS:
+        n_val = max(1, math.ceil(len(docs) * val_fraction))
+        perm = np.random.default_rng(seed).permutation(len(docs))
+        val_idx = set(perm[:n_val].tolist())
+        return ([d for i, d in enumerate(docs) if i not in val_idx], [d for i, d in enumerate(docs) if i in val_idx])
+    if mode in ("random", "chunks"):
+        text = "".join(docs)
+        pieces = [text[i:i + SPLIT_CHUNK_CHARS] for i in range(0, len(text), SPLIT_CHUNK_CHARS)]
+        if len(pieces) < 2:
+            raise DataError("the corpus is too short to split into train and val; give more text")
+        n_val = min(len(pieces) - 1, max(1, math.ceil(len(pieces) * val_fraction)))
+        val_idx = set(np.random.default_rng(seed).permutation(len(pieces))[:n_val].tolist())
+        return ([c for i, c in enumerate(pieces) if i not in val_idx],
+                [c for i, c in enumerate(pieces) if i in val_idx])
     if len(docs) >= DOC_SPLIT_MIN_DOCS:
         n_val = max(1, math.ceil(len(docs) * val_fraction))
         return docs[:-n_val], docs[-n_val:]
@@ -198,16 +225,18 @@ class TokenizedCorpus:
 
 
 def prepare(data: str | None, tokenizer: str = "char", vocab_size: int = 1024, val_fraction: float = 0.1,
-            text_field: str = "text", encoding_errors: str = "strict", use_cache: bool = True) -> TokenizedCorpus:
+            text_field: str = "text", encoding_errors: str = "strict", use_cache: bool = True, split: str = "end",
+            split_seed: int = 0) -> TokenizedCorpus:
     """Read, split, train the tokenizer on train, tokenize both splits; reuse the cached memmaps when the
     same data and settings were prepared before."""
     docs = load_corpus(data, text_field, encoding_errors)
-    train_docs, val_docs = split_corpus(docs, val_fraction)
+    train_docs, val_docs = split_corpus(docs, val_fraction, split, split_seed)
     h = hashlib.sha256()
     for d in docs:
         h.update(hashlib.sha256(d.encode("utf-8", "surrogatepass")).digest())
     data_hash = h.hexdigest()
-    key = hashlib.sha256(json.dumps([data_hash, tokenizer, vocab_size, val_fraction, 1]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([data_hash, tokenizer, vocab_size, val_fraction, 1]
+                                           + ([split, split_seed] if split != "end" else [])).encode()).hexdigest()[:24]
     folder = cache_dir() / "tokens" / key
     if use_cache and (folder / "meta.json").is_file():
         try:

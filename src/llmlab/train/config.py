@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.config import ModelConfig
+from llmlab.data import SPLITS
 from llmlab.errors import ConfigError
 
 
@@ -22,6 +23,8 @@ class TrainConfig:
     tokenizer: str = "char"  # char | bpe | wordpiece
     vocab_size: int = 1024  # BPE vocabulary (char vocabularies come from the text)
     val_fraction: float = 0.1
+    split: str = "end"  # end (the corpus's tail, as nanoGPT) | random (i.i.d. documents) | chunks (i.i.d. pieces)
+    split_seed: int = 0  # the permutation of the random and chunks splits
     encoding_errors: str = "strict"  # strict | replace | ignore
     batch_size: int = 16  # sequences per optimizer step (global, across processes)
     grad_accum: int = 1  # micro-batches per step (batch_size is split into them)
@@ -152,6 +155,7 @@ def validate_train(t: TrainConfig) -> None:
     """Raise ConfigError for values the trainer cannot use."""
     checks = [
         (t.tokenizer in ("char", "bpe", "wordpiece"), f"tokenizer={t.tokenizer!r} is not one of char, bpe, wordpiece"),
+        (t.split in SPLITS, f"split={t.split!r} is not one of {', '.join(SPLITS)}"),
         (0.0 < t.mask_prob < 1.0, f"mask_prob must be between 0 and 1, got {t.mask_prob}"),
         (t.span_len >= 1.0, f"span_len must be at least 1, got {t.span_len}"),
         (0.0 <= t.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {t.label_smoothing}"),

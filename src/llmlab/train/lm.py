@@ -33,7 +33,8 @@ class LMObjective(Objective):
 
     def setup(self, run: Path, resume: bool) -> ModelConfig:
         t, m = self.cfg.train, self.cfg.model
-        self.corpus = prepare(t.data, t.tokenizer, t.vocab_size, t.val_fraction, t.text_field, t.encoding_errors)
+        self.corpus = prepare(t.data, t.tokenizer, t.vocab_size, t.val_fraction, t.text_field, t.encoding_errors,
+                              split=t.split, split_seed=t.split_seed)
         self.tokenizer = self.corpus.tokenizer
         micro = t.batch_size // t.grad_accum
         self.sampler = BatchSampler(self.corpus.train, m.block_size, micro, t.seed + 1, self.dist.rank,
@@ -44,8 +45,8 @@ class LMObjective(Objective):
     def data_info(self) -> dict[str, Any]:
         t, c = self.cfg.train, self.corpus
         return {"source": t.data or DEFAULT_SOURCE, "hash": c.data_hash, "val_fraction": t.val_fraction,
-                "train_docs": c.n_train_docs, "val_docs": c.n_val_docs, "train_tokens": int(len(c.train)),
-                "val_tokens": int(len(c.val))}
+                "split": t.split, "split_seed": t.split_seed, "train_docs": c.n_train_docs, "val_docs": c.n_val_docs,
+                "train_tokens": int(len(c.train)), "val_tokens": int(len(c.val))}
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sampler.next()

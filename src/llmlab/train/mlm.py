@@ -62,7 +62,7 @@ class MLMObjective(Objective):
     def setup(self, run: Path, resume: bool) -> ModelConfig:
         t, m = self.cfg.train, self.cfg.model
         docs = load_corpus(t.data, t.text_field, t.encoding_errors)
-        train_docs, val_docs = split_corpus(docs, t.val_fraction)
+        train_docs, val_docs = split_corpus(docs, t.val_fraction, t.split, t.split_seed)
         self.n_docs = (len(train_docs), len(val_docs))
         self.tokenizer = self.tokenizer_for(run, resume, train_docs, MLM_SPECIALS)
         tok = self.tokenizer
@@ -84,7 +84,8 @@ class MLMObjective(Objective):
     def data_info(self) -> dict[str, Any]:
         t = self.cfg.train
         return {"source": t.data or DEFAULT_SOURCE, "task": "mlm", "val_fraction": t.val_fraction,
-                "train_docs": self.n_docs[0], "val_docs": self.n_docs[1], "train_tokens": int(len(self.train_ids)),
+                "split": t.split, "split_seed": t.split_seed, "train_docs": self.n_docs[0],
+                "val_docs": self.n_docs[1], "train_tokens": int(len(self.train_ids)),
                 "val_tokens": int(len(self.val_ids)), "mask_prob": t.mask_prob}
 
     def _mask(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

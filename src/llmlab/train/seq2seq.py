@@ -158,7 +158,7 @@ class Seq2SeqObjective(Objective):
             tok_docs = [x for s, tg in self.train_pairs for x in (s, tg)]
         else:
             docs = load_corpus(t.data, t.text_field, t.encoding_errors)
-            train_docs, val_docs = split_corpus(docs, t.val_fraction)
+            train_docs, val_docs = split_corpus(docs, t.val_fraction, t.split, t.split_seed)
             self.n_docs = (len(train_docs), len(val_docs))
             tok_docs = train_docs
         self.tokenizer = self.tokenizer_for(run, resume, tok_docs, SEQ2SEQ_SPECIALS)
@@ -218,7 +218,7 @@ class Seq2SeqObjective(Objective):
         t = self.cfg.train
         info: dict[str, Any] = {"source": t.data or DEFAULT_SOURCE, "task": "seq2seq",
                                 "mode": "supervised" if self.supervised else "denoising",
-                                "val_fraction": t.val_fraction}
+                                "val_fraction": t.val_fraction, "split": t.split, "split_seed": t.split_seed}
         if self.supervised:
             info |= {"train_pairs": len(self.train_enc), "val_pairs": len(self.val_enc),
                      "train_tokens": int(sum(len(s) + len(g) for s, g in self.train_enc))}

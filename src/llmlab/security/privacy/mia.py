@@ -11,8 +11,11 @@ likely a member (MIMIR's scores are negated where lower means member):
     min_k++        mean of the lowest k% of (l_t - mu_t) / sigma_t     (Zhang et al. 2024, Min-K%++)
                    mu_t = E_{z~p(.|x_<t)} log p(z|x_<t), sigma_t^2 = Var_{z~p(.|x_<t)} log p(z|x_<t)
     neighbourhood  -(L(x) - mean_j L(x~_j)) over perturbed neighbours  (Mattern et al. 2023)
+    blind          no model: TF-IDF character n-grams + logistic regression, out-of-fold (Das et al. 2024):
+                   the baseline every attack must beat, since it only sees how members' text differs
 
-Metrics: ROC AUC with a bootstrap confidence interval, and TPR at 1% and 0.1% FPR.
+Metrics: ROC AUC with a bootstrap confidence interval, and TPR at 1% and 0.1% FPR where the non-members are
+enough to resolve it (at least 10 / FPR of them), else at the lowest FPR they resolve.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ import torch
 from llmlab.security.privacy.common import Callback, PrivacyError, Stage, batch_logprobs, chunk_docs, quiet, sample_docs
 from llmlab.security.privacy.extract import NgramIndex
 from llmlab.security.targets import WhiteBox
+from llmlab.stats import min_negatives_for_fpr, resolvable_fpr
 
-ATTACKS = ("loss", "reference", "zlib", "min_k", "min_k++", "neighbourhood")
+ATTACKS = ("loss", "reference", "zlib", "min_k", "min_k++", "neighbourhood", "blind")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -99,11 +103,64 @@ def bootstrap_auc(scores: Sequence[float], labels: Sequence[int], n: int = 1000,
 
 def evaluate_scores(scores: Sequence[float], labels: Sequence[int], bootstrap: int = 1000, seed: int = 0
                     ) -> dict[str, Any]:
-    """AUC (with bootstrap CI), TPR at 1% and 0.1% FPR, and the ROC curve of one attack."""
+    """AUC (with bootstrap CI), TPR at 1% and 0.1% FPR, and the ROC curve of one attack.
+
+    A TPR at an FPR is only reported when there are at least 10 / FPR non-members (`stats.min_negatives_for_fpr`):
+    with 200 non-members the smallest non-zero FPR is 0.5%, so "TPR at 0.1% FPR" would be "TPR at zero false
+    positives" on one sample. The unresolvable ones are None, and `tpr_at_resolvable` gives the TPR at the lowest
+    FPR the data can resolve (10 / n_nonmembers)."""
     fpr, tpr, _ = roc_curve(scores, labels)
-    return {"auc": roc_auc(scores, labels), "auc_ci": bootstrap_auc(scores, labels, bootstrap, seed),
-            "tpr_at_1pct": tpr_at_fpr(fpr, tpr, 0.01), "tpr_at_0.1pct": tpr_at_fpr(fpr, tpr, 0.001),
-            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}
+    n_neg = int(len(labels) - int(np.sum(labels)))
+    out: dict[str, Any] = {"auc": roc_auc(scores, labels), "auc_ci": bootstrap_auc(scores, labels, bootstrap, seed),
+                           "n_nonmembers": n_neg}
+    for key, bound in (("tpr_at_1pct", 0.01), ("tpr_at_0.1pct", 0.001)):
+        out[key] = tpr_at_fpr(fpr, tpr, bound) if n_neg >= min_negatives_for_fpr(bound) else None
+    low = resolvable_fpr(n_neg)
+    out["tpr_at_resolvable"] = {"fpr": low, "tpr": tpr_at_fpr(fpr, tpr, low)}
+    out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    return out
+
+
+def blind_baseline(members: Sequence[str], nonmembers: Sequence[str], folds: int = 5, seed: int = 0,
+                   bootstrap: int = 1000) -> dict[str, Any]:
+    """A membership "attack" that never touches the model: character 1-4-gram TF-IDF + logistic regression,
+    scored out-of-fold (stratified k-fold). An AUC well above 0.5 means members and non-members differ in
+    their text alone (a distribution shift), so the model's attacks are not measuring memorisation there
+    (Das et al. 2024, "Blind Baselines Beat Membership Inference Attacks for Foundation Models"; Duan et al.
+    2024)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    texts = list(members) + list(nonmembers)
+    labels = np.array([1] * len(members) + [0] * len(nonmembers))
+    k = max(2, min(folds, int(labels.sum()), int((1 - labels).sum())))
+    scores = np.zeros(len(texts))
+    for train_idx, test_idx in StratifiedKFold(k, shuffle=True, random_state=seed).split(texts, labels):
+        vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True, min_df=1)
+        x = vec.fit_transform([texts[i] for i in train_idx])
+        clf = LogisticRegression(max_iter=2000, C=1.0).fit(x, labels[train_idx])
+        scores[test_idx] = clf.decision_function(vec.transform([texts[i] for i in test_idx]))
+    res = evaluate_scores(scores.tolist(), labels.tolist(), bootstrap, seed)
+    res["method"] = f"char 1-4-gram TF-IDF + logistic regression, {k}-fold out-of-fold scores (no model)"
+    return res
+
+
+BLIND_WARNING_MARGIN = 0.05  # warn when the blind baseline's AUC is within this of the best attack's
+
+
+def blind_warning(result: MIAResult) -> str | None:
+    """A caveat when the blind baseline comes within BLIND_WARNING_MARGIN of the best attack's AUC."""
+    blind = result.attacks.get("blind")
+    others = {k: v for k, v in result.attacks.items() if k != "blind"}
+    if not blind or not others:
+        return None
+    best_name, best = max(others.items(), key=lambda kv: kv[1]["auc"])
+    if blind["auc"] >= best["auc"] - BLIND_WARNING_MARGIN:
+        return (f"the blind baseline (no model) reaches AUC {blind['auc']:.3f}, within {BLIND_WARNING_MARGIN:.2f} "
+                f"of the best attack ({best_name}, {best['auc']:.3f}): members and non-members differ in their text, "
+                "so this AUC does not measure memorisation. Use an i.i.d. member/non-member split.")
+    return None
 
 
 # ----------------------------------------------------------------------------- attacks
@@ -225,12 +282,18 @@ def run_mia(wb: WhiteBox, members: Sequence[str], nonmembers: Sequence[str], cfg
                 nb = batch_logprobs(wb, nb_seqs, batch_size=cfg.batch_size * 2, stage=st)
             nb_L = np.array([float(-r["logp"].double().mean()) for r in nb]).reshape(len(seqs), cfg.neighbours)
             scores[attack] = (-(L - nb_L.mean(1))).tolist()
+        elif attack == "blind":
+            with Stage(cb, "blind baseline", 1) as st:
+                blind = blind_baseline(texts[: len(mem)], texts[len(mem):], seed=cfg.seed, bootstrap=cfg.bootstrap)
+                st.advance()
     seconds = time.perf_counter() - t0
     results = {}
     with Stage(cb, "bootstrap", len(scores)) as st:
         for i, (name, sc) in enumerate(scores.items()):
             results[name] = evaluate_scores(sc, labels, cfg.bootstrap, cfg.seed + i)
             st.advance()
+    if "blind" in cfg.attacks:
+        results["blind"] = blind
     return MIAResult(cfg, len(mem), len(non), results, skipped, seconds, len(seqs) / max(seconds, 1e-9),
                      scores, labels)
 
