@@ -1,9 +1,12 @@
 """Learning per second on character-level tinyshakespeare (first 90% train, last 10% val, as nanoGPT).
 
-Peer: nanoGPT's documented CPU recipe (4 layers, 4 heads, width 128, block 64, batch 12, 2000 iterations,
-lr 1e-3 -> 1e-4 cosine, warmup 100, AdamW beta2 0.99, weight decay 0.1, clip 1.0, fp32), run here on
-transformers' GPT2LMHeadModel with nanoGPT's training loop (nanoGPT itself is not installable offline).
-On this machine nanoGPT's own run is documented at about 110 s, val loss 1.886, ~16,000 tokens/s.
+Peer: real nanoGPT (karpathy/nanoGPT, its own train.py and model.py, commit 3adf61e) running its documented
+CPU recipe (4 layers, 4 heads, width 128, block 64, batch 12, 2000 iterations, lr 1e-3 -> 1e-4 cosine, warmup
+100, AdamW beta2 0.99, weight decay 0.1, clip 1.0, fp32, log every step), from a checkout named by
+$NANOGPT_DIR or --nanogpt DIR (never committed here; fetch it and unpack it anywhere). nanoGPT's train.py
+runs unmodified in its own process; it is paced by wrapping `time.time`, which its loop calls once per step.
+Without a checkout the peer is a labelled stand-in: transformers' GPT2LMHeadModel driven by nanoGPT's loop
+written out here ("stand-in"), which is slower than real nanoGPT.
 
 llmlab: the identical 4x4x128 recipe through llmlab's trainer (float32, and bf16 autocast where the CPU has
 native bf16) for a tokens/s comparison, and `llmlab train --preset shakespeare --max-time 110` (the same 110 s
@@ -12,15 +15,20 @@ taking turns 10 steps at a time (common.interleave), so the machine's drift hits
 median over turns of peer time / llmlab time. The preset run has the machine to itself. Every final model is
 scored on the same fixed 200 validation batches.
 
-    .venv/bin/python benchmarks/bench_shakespeare.py [--budget 110] [--skip-peer]
+    NANOGPT_DIR=/path/to/nanoGPT .venv/bin/python benchmarks/bench_shakespeare.py [--budget 110] [--skip-peer]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import pickle
+import runpy
 import sys
 import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,6 +108,63 @@ def peer_worker(pacer: Pacer, iters: int = 2000) -> None:
                   "val_loss": fixed_val_loss(lambda x: model(x).logits, val)})
 
 
+NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
+                "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0", "--dtype=float32"]  # nanoGPT's README
+
+
+def nanogpt_worker(pacer: Pacer, root: str) -> None:
+    """Real nanoGPT's train.py on its CPU recipe, in a scratch folder laid out as its prepare.py would."""
+    chars, train, val = load_data()
+    work = Path(tempfile.mkdtemp(prefix="nanogpt-"))
+    data = work / "data" / "shakespeare_char"
+    data.mkdir(parents=True)
+    train.astype(np.uint16).tofile(data / "train.bin")
+    val.astype(np.uint16).tofile(data / "val.bin")
+    with open(data / "meta.pkl", "wb") as f:  # the vocabulary file nanoGPT's prepare.py writes
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    (work / "configurator.py").write_text((Path(root) / "configurator.py").read_text())  # train.py exec()s it from cwd
+    (work / "config").mkdir()
+    (work / "config" / "train_shakespeare_char.py").write_text((Path(root) / "config/train_shakespeare_char.py")
+                                                               .read_text())
+    os.chdir(work)
+    sys.path.insert(0, root)
+    sys.argv = ["train.py", *NANOGPT_ARGS, f"--out_dir={work / 'out'}"]
+    real_time, calls = time.time, [0]
+
+    def paced_time() -> float:  # train.py calls time.time() once before its loop and once per step
+        if calls[0] % CHUNK == 0:
+            pacer.pause()
+        calls[0] += 1
+        return real_time()
+
+    time.time = paced_time
+    try:
+        runpy.run_path(str(Path(root) / "train.py"), run_name="__main__")
+    finally:
+        time.time = real_time
+    wall = pacer.running_s()
+    from model import GPT, GPTConfig  # nanoGPT's model.py
+
+    ck = torch.load(work / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
+    model = GPT(GPTConfig(**ck["model_args"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ck["model"].items()})
+    model.eval()
+    pacer.finish({"train_wall_s": wall, "iters": 2000, "tokens": 2000 * 12 * 64, "peer": "nanoGPT 3adf61e",
+                  "val_loss": fixed_val_loss(lambda x: model(x, torch.zeros_like(x))[0], val)})
+
+
+def nanogpt_dir(arg: str | None) -> str | None:
+    """The nanoGPT checkout to run (--nanogpt, else $NANOGPT_DIR), if it holds train.py and model.py."""
+    d = arg or os.environ.get("NANOGPT_DIR")
+    if d and (Path(d) / "train.py").is_file() and (Path(d) / "model.py").is_file():
+        return str(Path(d).resolve())
+    if d:
+        print(f"warning: {d} has no nanoGPT train.py/model.py; using the stand-in peer")
+    return None
+
+
 def llmlab_worker(pacer: Pacer, preset: str, overrides: dict, budget: float | None) -> None:
     """llmlab's trainer (pausing at each of its log events), then the fixed-batch validation loss."""
     import llmlab
@@ -136,6 +201,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=110.0)
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--nanogpt", help="a karpathy/nanoGPT checkout (default: $NANOGPT_DIR)")
     a = ap.parse_args()
     if not DATA.is_file():
         print(f"skipped: {DATA} is absent")
@@ -145,13 +211,15 @@ def main() -> int:
     if cpu_has_native_bf16():
         same["llmlab: same 4x4x128 recipe, bf16"] = (llmlab_worker, ("shakespeare", {**SAME, "dtype": "bfloat16"},
                                                                       None))
+    real = nanogpt_dir(a.nanogpt)
+    peer_name = "peer: nanoGPT (real, 3adf61e) CPU recipe" if real else "peer: stand-in (nanoGPT's loop on HF GPT-2)"
     if not a.skip_peer:
-        same = {"peer: nanoGPT CPU recipe on HF GPT-2": (peer_worker, ()), **same}
+        same = {peer_name: (nanogpt_worker, (real,)) if real else (peer_worker, ()), **same}
     out = interleave(same)  # the identical recipes take turns, CHUNK steps at a time
     label = f"llmlab: --preset shakespeare --max-time {a.budget:.0f}"
     out.update(interleave({label: (llmlab_worker, ("shakespeare", {}, a.budget))}))  # alone: a wall-time budget
     rows = [["run", "train wall s", "iters", "tokens/s", "vs peer (median per round)", "val loss (fixed 200 batches)"]]
-    peer = out.get("peer: nanoGPT CPU recipe on HF GPT-2")
+    peer = out.get(peer_name)
     for name, r in out.items():
         r["tokens_per_s"] = r["tokens"] / r["train_wall_s"]
         if peer and name != label and r is not peer:
@@ -160,7 +228,7 @@ def main() -> int:
                      f"{r['ratio_vs_peer']:.2f}x" if "ratio_vs_peer" in r else "", f"{r['val_loss']:.4f}"])
         r.pop("chunks_s")
     print(table(rows))
-    print("wrote", write_result("shakespeare", {"results": out, "chunk_steps": CHUNK}))
+    print("wrote", write_result("shakespeare", {"results": out, "chunk_steps": CHUNK, "peer": peer_name}))
     return 0
 
 
