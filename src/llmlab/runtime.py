@@ -68,3 +68,73 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def autocast(dtype: str) -> torch.autocast:
     """The autocast context of a training dtype: bf16 autocast on the CPU for "bfloat16", a no-op otherwise."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+# ----------------------------------------------------------------------------- threads on a shared machine
+# torch runs its CPU kernels on an OpenMP pool of one thread per core, and every kernel ends at a barrier
+# where each thread waits for the others. When another CPU-bound process holds a core, one of the pool's
+# threads is descheduled for a whole time slice (milliseconds) while its partner waits at the barrier — for a
+# small model's thousands of short kernels a step, training slows by an order of magnitude. The governor below
+# watches how much CPU *other* processes use and keeps the pool no larger than the cores left free.
+
+
+def _busy_jiffies() -> tuple[int, int] | None:
+    """(busy jiffies of the whole machine, jiffies of this process) from /proc, or None off Linux."""
+    try:
+        cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        vals = [int(v) for v in cpu]
+        busy = sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0)  # minus idle and iowait
+        me = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return busy, int(me[11]) + int(me[12])  # utime + stime (fields 14, 15)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class ThreadGovernor:
+    """Sets torch's thread count, every `interval` seconds, to the cores other processes leave free
+    (at least 1, at most `max_threads` or the usable cores): used when training's `threads` is 0 (auto)."""
+
+    def __init__(self, interval: float = 2.0, max_threads: int = 0):
+        import time
+
+        self.clock = time.monotonic
+        self.interval = interval
+        self.max = max_threads or usable_cores()
+        self.last_t = self.clock()
+        self.last = _busy_jiffies()
+        self.threads = torch.get_num_threads()
+        self.changes: list[tuple[float, int]] = []
+
+    def others_busy(self) -> float | None:
+        """Cores' worth of CPU used by other processes since the last look (None when it cannot tell)."""
+        now, cur = self.clock(), _busy_jiffies()
+        if cur is None or self.last is None or now - self.last_t <= 0:
+            return None
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        total = (cur[0] - self.last[0]) / hz
+        mine = (cur[1] - self.last[1]) / hz
+        wall = now - self.last_t
+        self.last_t, self.last = now, cur
+        return max(0.0, (total - mine) / wall)
+
+    def update(self) -> int:
+        """Look again if `interval` has passed; return the thread count in force."""
+        if self.clock() - self.last_t < self.interval:
+            return self.threads
+        busy = self.others_busy()
+        if busy is None:
+            return self.threads
+        want = max(1, min(self.max, int(round(usable_cores() - busy))))
+        if want != self.threads:
+            torch.set_num_threads(want)
+            self.threads = want
+            self.changes.append((self.clock(), want))
+        return self.threads
