@@ -46,7 +46,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
-    res: dict[str, dict[str, list[float]]] = {"idle": {k: [] for k in SETTINGS}, "1 competitor": {k: [] for k in SETTINGS}}
+    res: dict[str, dict[str, list[float]]] = {load: {k: [] for k in SETTINGS} for load in ("idle", "1 competitor")}
     for load in res:
         busy = subprocess.Popen([sys.executable, "-c", BUSY]) if load != "idle" else None
         try:
