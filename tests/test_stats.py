@@ -96,3 +96,18 @@ def test_iid_splits_are_seeded_and_hold_the_fraction() -> None:
     assert "".join(docs).startswith(train[0]) or "".join(docs).startswith(val[0])
     with pytest.raises(Exception, match="--split"):
         split_corpus(docs, 0.1, "sideways")
+
+
+def test_reports_are_readable_by_others_and_render_markdown(tmp_path) -> None:  # noqa: ANN001
+    import stat
+
+    from llmlab.security.report import Section, write_report
+
+    out = write_report(tmp_path / "r", "demo", {"x": 1}, [Section("S", text="uses `code` and **bold**")],
+                       summary="all **fine**", target="openai:m@http://127.0.0.1:1/v1")
+    for name in ("report.json", "report.html", "report.md"):
+        assert stat.S_IMODE((out / name).stat().st_mode) & 0o044 == 0o044, name  # group and others may read
+    page = (out / "report.html").read_text()
+    assert "<code>code</code>" in page and "<strong>bold</strong>" in page and "**" not in page
+    assert "None" not in page.split("<h2>Configuration")[0]  # no "model None" header for an endpoint
+    assert "target openai:m@http://127.0.0.1:1/v1" in page

@@ -71,9 +71,27 @@ def md_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 
 
 def _fmt(c: Any) -> str:
+    if c is None:
+        return "—"
     if isinstance(c, float):
-        return f"{c:.4g}"
+        return "—" if math.isnan(c) else f"{c:.4g}"
     return str(c)
+
+
+def markdown_html(text: str) -> str:
+    """Section text (Markdown: `code`, **bold**, lists, links) as HTML, with raw HTML in the text escaped."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False}).render(text)
+
+
+def fmt_seconds(s: float) -> str:
+    """A duration with its unit: 41.2 s, 17 min 21 s, 1 h 02 min."""
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
 
 @dataclasses.dataclass
@@ -94,26 +112,40 @@ font-size:14px}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}co
 pre{padding:8px;overflow-x:auto;white-space:pre-wrap}.meta{color:#666;font-size:13px}"""
 
 
+def _header(meta: dict[str, Any]) -> list[str]:
+    """The report's provenance line: only what is known (a model folder and its hash, or an endpoint)."""
+    bits = [meta["created"]]
+    if meta.get("model"):
+        bits.append(f"model {meta['model']}")
+    if meta.get("model_sha256"):
+        bits.append(f"weights sha256 {meta['model_sha256'][:16]}…")
+    if meta.get("target"):
+        bits.append(f"target {meta['target']}")
+    return bits
+
+
 def write_report(out: str | Path, experiment: str, data: dict[str, Any], sections: Sequence[Section],
-                 summary: str, config: dict[str, Any] | None = None, model: str | Path | None = None) -> Path:
-    """Write report.json, report.html and report.md into `out`; return the folder."""
+                 summary: str, config: dict[str, Any] | None = None, model: str | Path | None = None,
+                 target: str | None = None) -> Path:
+    """Write report.json, report.html and report.md into `out`; return the folder. `model` is a local model
+    (its weights' SHA-256 is recorded); `target` names what was tested when it is not a local folder (an
+    endpoint such as openai:MODEL@URL). Section text is Markdown. Files are readable by others (0644)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"experiment": experiment, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             "model": str(model) if model is not None else None, "model_sha256": model_hash(model),
-            "config": _jsonable(config or {})}
+            "target": target, "config": _jsonable(config or {})}
     payload = {**meta, "summary": summary, "results": _jsonable(data)}
     atomic_write_json(out / "report.json", payload)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>llmlab {html.escape(experiment)}</title>"
              f"<style>{CSS}</style></head><body><h1>llmlab {html.escape(experiment)}</h1>",
-             f"<p class='meta'>{html.escape(meta['created'])} · model {html.escape(str(meta['model']))} · "
-             f"sha256 {html.escape(str(meta['model_sha256']))}</p>", f"<p>{html.escape(summary)}</p>"]
-    md = [f"# llmlab {experiment}", "", f"{meta['created']} · model `{meta['model']}`", "", summary, ""]
+             f"<p class='meta'>{html.escape(' · '.join(_header(meta)))}</p>", markdown_html(summary)]
+    md = [f"# llmlab {experiment}", "", " · ".join(_header(meta)), "", summary, ""]
     for s in sections:
         parts.append(f"<h2>{html.escape(s.title)}</h2>")
         md += [f"## {s.title}", ""]
         if s.text:
-            parts.append(f"<p>{html.escape(s.text)}</p>")
+            parts.append(markdown_html(s.text))
             md += [s.text, ""]
         if s.rows:
             parts.append(html_table(s.rows, s.header))
