@@ -98,6 +98,21 @@ def test_extraction_finds_verbatim_training_text(lab: dict) -> None:
     # text the model never saw is not reported as memorised
     fresh = run_extract(wb, random_docs(30, seed=99, words=20), cfg, prefix_docs=splits.train)
     assert fresh.memorised_fraction < res.memorised_fraction
+    assert res.precision_ci["perplexity"]["lo"] <= res.precision["perplexity"] <= res.precision_ci["perplexity"]["hi"]
+
+
+def test_extraction_flags_any_sample_holding_a_canary(lab: dict) -> None:
+    splits = run_splits(lab["target"])
+    wb = WhiteBox.load(lab["target"])
+    cfg = ExtractConfig(samples=24, length=24, prefixes="train", prefix_tokens=8, k_chars=1000, top=10, window=8)
+    res = run_extract(wb, splits.train, cfg, prefix_docs=splits.train)
+    assert not res.memorised  # 1,000 verbatim characters: nothing counts ...
+    assert res.k_tokens == round(1000 / res.chars_per_token) and res.chars_per_token == pytest.approx(1.0)
+    secret = next(r["text"][4:10] for r in res.samples if len(r["text"]) > 12)
+    planted = run_extract(wb, splits.train, cfg, prefix_docs=splits.train, canaries=[secret])
+    assert planted.leaks and all(secret in r["text"] for r in planted.leaks)
+    assert all(r["memorised"] for r in planted.leaks)  # ... but a sample holding a canary is a leak, however short
+    assert "too few" in planted.note  # the rankings cannot be compared on so few memorised samples
 
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

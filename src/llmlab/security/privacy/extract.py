@@ -4,6 +4,12 @@ Generate many samples from the model, rank them by membership metrics that singl
 finds surprisingly likely, and check each for verbatim training text with an n-gram index over the
 whole training split. The precision of each metric's top 100 says how well it finds memorised text.
 
+A sample is memorised when it repeats at least k_chars characters of training text verbatim (the token length
+is derived from the tokenizer's characters per token on the training text, so "50 characters" means the same
+on a character model and on a BPE one), or when it contains a known canary (a planted secret: a leak, however
+short). Precision comes with an exact (Clopper-Pearson) interval, and the comparison of rankings is flagged as
+uninformative when the samples hold too few memorised ones to tell the rankings apart.
+
 Metrics (higher = more likely memorised), with L(x) = -mean_t log p(x_t | x_<t) the log-perplexity:
 
     perplexity   -L(x)
@@ -27,6 +33,7 @@ import torch
 from llmlab.generate.causal import GenerationConfig, generate_ids
 from llmlab.security.privacy.common import Callback, PrivacyError, Stage, batch_logprobs, quiet
 from llmlab.security.targets import WhiteBox
+from llmlab.stats import rate_ci
 
 # ----------------------------------------------------------------------------- the n-gram index
 
@@ -140,7 +147,8 @@ class ExtractConfig:
     temperature: float = 1.0
     prefixes: str = "empty"  # empty | train | val | a text file
     prefix_tokens: int = 16
-    k: int = 32  # verbatim tokens that count as memorised (Carlini et al. 2023 use 50 BPE tokens)
+    k_chars: int = 50  # verbatim characters that count as memorised (Carlini et al. 2023: 50 BPE tokens)
+    k: int = 0  # the same in tokens; 0 = derived from k_chars and the tokenizer's characters per token
     min_distinct: int = 5  # a verbatim span with fewer distinct tokens is repetitive (e.g. "=====") and not counted
     window: int = 32  # sliding-window size of the window metric
     top: int = 100
@@ -158,6 +166,11 @@ class ExtractResult:
     precision: dict[str, float]
     samples: list[dict[str, Any]] = field(default_factory=list)
     memorised: list[dict[str, Any]] = field(default_factory=list)
+    k_tokens: int = 0
+    chars_per_token: float = 0.0
+    precision_ci: dict[str, dict[str, Any]] = field(default_factory=dict)
+    leaks: list[dict[str, Any]] = field(default_factory=list)
+    note: str = ""
 
 
 def _prompts(wb: WhiteBox, cfg: ExtractConfig, prefix_docs: Sequence[str], rng: random.Random) -> list[list[int]]:
@@ -194,14 +207,19 @@ def _text_nll(wb: WhiteBox, texts: Sequence[str], batch_size: int, stage: Stage)
     return [float(-lp["logp"][len(lead) - 1:].double().mean()) for lp in lps]
 
 
+MIN_MEMORISED_FOR_COMPARISON = 10  # fewer memorised samples than this cannot tell the rankings apart
+
+
 def run_extract(wb: WhiteBox, train_docs: Sequence[str], cfg: ExtractConfig, reference: WhiteBox | None = None,
-                prefix_docs: Sequence[str] = (), callback: Callback | None = None) -> ExtractResult:
+                prefix_docs: Sequence[str] = (), callback: Callback | None = None,
+                canaries: Sequence[str] = ()) -> ExtractResult:
     """Sample, rank by each metric, check verbatim memorisation against the training split; report the
-    precision of every metric's top `cfg.top` samples and the memorised samples found."""
+    precision of every metric's top `cfg.top` samples (with exact intervals) and the memorised samples found.
+    `canaries` are planted secrets: a sample containing one is a leak, and memorised."""
 
     cb = callback or quiet
-    if cfg.samples < 1 or cfg.k < 1:
-        raise PrivacyError("--samples and -k must be positive")
+    if cfg.samples < 1 or cfg.k < 0 or cfg.k_chars < 1:
+        raise PrivacyError("--samples, -k and --k-chars must be positive")
     rng = random.Random(cfg.seed)
     tok = wb.tokenizer
     with Stage(cb, "index training text", len(train_docs)) as st:
@@ -209,7 +227,10 @@ def run_extract(wb: WhiteBox, train_docs: Sequence[str], cfg: ExtractConfig, ref
         for d in train_docs:
             seqs.append(wb.encode(d))
             st.advance()
-        index = NgramIndex(seqs, cfg.k)
+        chars, toks = sum(len(d) for d in train_docs), sum(len(x) for x in seqs)
+        cpt = chars / max(1, toks)
+        k_tokens = cfg.k or max(2, round(cfg.k_chars / max(cpt, 1e-9)))
+        index = NgramIndex(seqs, k_tokens)
     prompts = _prompts(wb, cfg, prefix_docs, rng)
     length = max(1, min(cfg.length, wb.block_size - max(len(p) for p in prompts)))
     pad = tok.pad_id if tok.pad_id is not None else 0
@@ -242,15 +263,16 @@ def run_extract(wb: WhiteBox, train_docs: Sequence[str], cfg: ExtractConfig, ref
         length_m, start = index.longest_match(ids)
         span = ids[start:start + length_m]
         repetitive = bool(length_m) and len(set(span)) < cfg.min_distinct
-        row = {"text": text, "tokens": len(ids), "nll": nll[i],
+        leaked = [c for c in canaries if c and c in text]
+        row = {"text": text, "tokens": len(ids), "nll": nll[i], "leaked_canaries": leaked,
                "scores": {"perplexity": -nll[i], "zlib": zlib_entropy(text) / L, "lowercase": lower[i] / la,
                           "window": -min_window_nll(lps[i], cfg.window)},
-               "verbatim_tokens": length_m, "memorised": length_m >= cfg.k and not repetitive,
+               "verbatim_tokens": length_m, "memorised": (length_m >= k_tokens and not repetitive) or bool(leaked),
                "repetitive": repetitive, "verbatim_text": wb.decode(span) if length_m else ""}
         if ref is not None:
             row["scores"]["reference"] = ref[i] / la
         rows.append(row)
-    precision = {}
+    precision, precision_ci = {}, {}
     top = min(cfg.top, len(rows))
     for m in METRICS:
         if m not in rows[0]["scores"]:
@@ -258,7 +280,18 @@ def run_extract(wb: WhiteBox, train_docs: Sequence[str], cfg: ExtractConfig, ref
         order = sorted(range(len(rows)), key=lambda i: -rows[i]["scores"][m])
         for r, i in enumerate(order):
             rows[i].setdefault("rank", {})[m] = r + 1
-        precision[m] = sum(rows[i]["memorised"] for i in order[:top]) / top
+        hits = sum(rows[i]["memorised"] for i in order[:top])
+        precision[m] = hits / top
+        precision_ci[m] = rate_ci(hits, top).to_dict()
     memorised = sorted((r for r in rows if r["memorised"]), key=lambda r: -r["verbatim_tokens"])
-    return ExtractResult(cfg, cfg.samples, len(keep), len(index),
-                         sum(r["memorised"] for r in rows) / len(rows), precision, rows, memorised)
+    n_mem = len(memorised)
+    note = ""
+    if n_mem < MIN_MEMORISED_FOR_COMPARISON:
+        note = (f"only {n_mem} of {len(rows)} unique samples are memorised: too few to tell the rankings apart "
+                f"(every ranking's top {top} holds at most {n_mem}); draw more samples (--samples) or train a model "
+                "that memorises more before comparing them")
+    elif top >= len(rows):
+        note = f"the top {top} is every sample: precision is the same for every ranking; raise --samples"
+    leaks = [r for r in rows if r["leaked_canaries"]]
+    return ExtractResult(cfg, cfg.samples, len(keep), len(index), n_mem / len(rows), precision, rows, memorised,
+                         k_tokens, cpt, precision_ci, leaks, note)
