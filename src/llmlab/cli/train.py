@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from llmlab.cli.common import TrainProgress, console, verb
 from llmlab.config import ModelConfig
 from llmlab.errors import LlmlabError
+from llmlab.security.privacy.dp import DPHooks, is_dp_run
 from llmlab.train.config import MODEL_CLI_SKIP, PRESETS, TrainConfig, resolve_config
-from llmlab.train.loop import load_run_for_resume, train
+from llmlab.train.loop import TrainingInterrupted, existing_run_message, load_run_for_resume, train
 
 
 def _field_type(f) -> type:  # noqa: ANN001
@@ -64,16 +66,26 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg = resolve_config(a.preset, a.config, overrides)
         run = Path(a.out) if a.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         if run.exists() and any(run.iterdir()):
-            raise LlmlabError(f"{run} already exists and is not empty; resume it with --resume {run} or "
-                              "choose another --out")
+            raise LlmlabError(existing_run_message(run))
+    hooks = None
+    if a.resume and is_dp_run(run):  # a DP-SGD run (llmlab privacy canary --defense dp) resumes with its DP settings
+        hooks = DPHooks.from_run(run)
     progress = TrainProgress()
-    with progress:
-        result = train(cfg, run, resume=bool(a.resume), callback=progress)
+    try:
+        with progress:
+            result = train(cfg, run, resume=bool(a.resume), callback=progress, hooks=hooks)
+    except TrainingInterrupted as e:  # a checkpoint was saved: one line naming the command that continues
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"llmlab train: {e}", file=sys.stderr)
+        return e.exit_code
     if int(os.environ.get("RANK", "0")) == 0:
         c = console()
         c.print(f"[bold]done[/] after {result.step} steps ({result.stopped_by}), {result.elapsed:.0f} s, "
                 f"{result.tokens_per_s:,.0f} tokens/s; val loss {result.val_loss:.4f} "
                 f"(best {result.best_val_loss:.4f})")
+        if hooks is not None:
+            c.print(f"DP-SGD: epsilon {hooks.epsilon:.3f} at delta {hooks.dp.delta:g} "
+                    f"(noise multiplier {hooks.dp.noise_multiplier:.3f})")
         for i, s in enumerate(result.samples):
             c.print(f"[bold]--- sample {i + 1} ---[/]")
             c.print(s, markup=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -99,9 +100,53 @@ class Objective:
 
 
 
+class LoopHooks:
+    """How a step is taken, where a training method changes it without changing what is learned (DP-SGD:
+    Poisson batches, per-example clipping, noise, a privacy accountant). train(..., hooks=...) calls them in
+    this order; the defaults leave the loop as it is, so LoopHooks() is the plain loop.
+
+        prepare      after the objective's setup, before anything is written: check the run can use the
+                     hooks; return extra top-level sections for config.json (e.g. {"dp": {...}})
+        wrap         after a checkpoint (if resuming) is loaded into model and optimizer: return the module
+                     the loss is computed through and the optimizer that steps (the loop keeps the plain
+                     model for evaluation and checkpoints, and the plain optimizer for the learning rate)
+        load_state   when resuming, after wrap: what state() saved in the checkpoint
+        next_batch   each micro-batch
+        step_context around each step (forward, backward, optimizer step)
+        metrics      extra figures for each evaluation row of metrics.jsonl (e.g. epsilon)
+        state        JSON state and tensors saved in every checkpoint
+        config_update sections merged into config.json at the end of the run or when it is interrupted"""
+
+    label = ""  # appended to the objective's name in the start event and the loss plot, e.g. " (DP-SGD)"
+    clip_grad = True  # whether the loop clips the summed gradient to TrainConfig.grad_clip
+
+    def prepare(self, objective: Objective, run: Path, resume: bool) -> dict[str, Any]:
+        return {}
+
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+             ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        return model, optimizer
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def next_batch(self, objective: Objective) -> Any:
+        return objective.next_batch()
+
+    def step_context(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {}, {}
+
+    def config_update(self, step: int) -> dict[str, Any]:
+        return {}
+
 
 IGNORE = -100
-
 
 
 def _gen(seed: int) -> torch.Generator:

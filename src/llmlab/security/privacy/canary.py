@@ -37,7 +37,7 @@ from llmlab.security.privacy.dedup import dedup_docs
 from llmlab.security.privacy.dp import DPConfig, train_dp
 from llmlab.security.targets import WhiteBox
 from llmlab.train.config import resolve_config
-from llmlab.train.loop import train
+from llmlab.train.loop import TrainingInterrupted, last_checkpoint, load_run_for_resume, run_finished, train
 
 SLOTS = {"d": "0123456789", "l": "abcdefghijklmnopqrstuvwxyz", "L": "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 SLOT_RE = re.compile(r"\{([^{}]*)\}")
@@ -526,9 +526,14 @@ def find_canaries(run: str | Path) -> Path | None:
     return None
 
 
+EXPERIMENT_FILE = "experiment.json"
+
+
 def run_canary_experiment(cfg: CanaryConfig, out: str | Path, callback: Callback | None = None) -> CanaryExperiment:
     """Draw canaries, insert them into the corpus (optionally deduplicate it), train a model (normally or
-    with DP-SGD) into out/run, and measure every canary's exposure."""
+    with DP-SGD) into out/run, and measure every canary's exposure. If the training is stopped by SIGINT or
+    SIGTERM it is checkpointed, and the TrainingInterrupted raised names `llmlab privacy canary --resume OUT`
+    (resume_canary_experiment), which finishes the training and measures."""
 
     cb = callback or quiet
     out = Path(out)
@@ -542,7 +547,7 @@ def run_canary_experiment(cfg: CanaryConfig, out: str | Path, callback: Callback
         raise PrivacyError("--repeats must be non-negative counts, e.g. 1,4,16,64")
     run = out / "run"
     if run.exists() and any(run.iterdir()):
-        raise PrivacyError(f"{run} already exists; choose another --out, or measure it with --run {run}")
+        raise PrivacyError(_existing_message(out))
     canaries = draw_canaries(fmt, cfg.repeats, cfg.controls, cfg.seed)
     train_docs, val_docs = canary_corpus(cfg.data, cfg.max_chars, cfg.val_fraction)
     train_docs = insert_canaries(train_docs, canaries, cfg.seed + 1)
@@ -553,20 +558,66 @@ def run_canary_experiment(cfg: CanaryConfig, out: str | Path, callback: Callback
     out.mkdir(parents=True, exist_ok=True)
     vf = write_corpus(out / "corpus.jsonl", train_docs, val_docs)
     save_canaries(out / "canaries.json", fmt, canaries, cfg.seed)
+    # what resume_canary_experiment needs to finish the experiment the same way
+    atomic_write_json(out / EXPERIMENT_FILE, {"config": asdict(cfg), "val_fraction": vf, "dedup": dedup_info})
+    return _train_and_measure(cfg, out, vf, dedup_info, resume=False, callback=cb)
+
+
+def resume_canary_experiment(out: str | Path, callback: Callback | None = None) -> CanaryExperiment:
+    """Finish a canary experiment whose training was stopped (Ctrl-C, SIGTERM, or a kill): continue its
+    run from the last checkpoint with the settings it started with (DP-SGD ones included), then measure."""
+    out = Path(out)
+    try:
+        saved = json.loads((out / EXPERIMENT_FILE).read_text())
+        d = saved["config"]
+        cfg = CanaryConfig(**{**d, "repeats": tuple(d["repeats"])})
+    except FileNotFoundError:
+        raise PrivacyError(f"{out} holds no canary experiment to resume (no {EXPERIMENT_FILE}); give the --out "
+                           "folder of a `llmlab privacy canary` run") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise PrivacyError(f"{out / EXPERIMENT_FILE} is not a canary experiment file ({type(e).__name__}); "
+                           f"start the experiment again with another --out") from None
+    if not (out / "canaries.json").is_file() or not (out / "corpus.jsonl").is_file():
+        raise PrivacyError(f"{out} lacks its canaries.json or corpus.jsonl; start the experiment again with "
+                           "another --out")
+    run = out / "run"
+    resume = last_checkpoint(run) is not None and (run / "config.json").is_file()
+    return _train_and_measure(cfg, out, float(saved["val_fraction"]), saved.get("dedup", {}), resume=resume,
+                              callback=callback or quiet)
+
+
+def _existing_message(out: Path) -> str:
+    run = out / "run"
+    if run_finished(run):
+        return f"{run} already exists and holds a trained run; measure it with --run {run}, or choose another --out"
+    if (out / EXPERIMENT_FILE).is_file():
+        return (f"{run} already exists and holds an unfinished canary run; continue it with "
+                f"`llmlab privacy canary --resume {out}`, or choose another --out")
+    return f"{run} already exists and is not a canary run; choose another --out"
+
+
+def _train_and_measure(cfg: CanaryConfig, out: Path, vf: float, dedup_info: dict[str, Any], resume: bool,
+                       callback: Callback) -> CanaryExperiment:
+    run = out / "run"
+    fmt, canaries = load_canaries(out / "canaries.json")
     overrides = {**cfg.train, "data": str(out / "corpus.jsonl"), "val_fraction": vf, "tokenizer": "char",
                  "seed": cfg.seed + 1337}
-    rcfg = resolve_config(cfg.preset, None, overrides)
-    if cfg.defense == "dp":
-        result = train_dp(rcfg, run, DPConfig(**cfg.dp), callback=cb)
-        training = {"best_val_loss": result.best_val_loss, "val_loss": result.val_loss, "steps": result.step,
-                    "elapsed": result.elapsed, "epsilon": result.epsilon, "delta": result.delta,
-                    "noise_multiplier": result.noise_multiplier}
-    else:
-        r = train(rcfg, run, callback=cb)
-        training = {"best_val_loss": r.best_val_loss, "val_loss": r.val_loss, "steps": r.step, "elapsed": r.elapsed}
+    rcfg = load_run_for_resume(run) if resume else resolve_config(cfg.preset, None, overrides)
+    try:
+        if cfg.defense == "dp":
+            result = train_dp(rcfg, run, DPConfig(**cfg.dp), callback=callback, resume=resume)
+            training = {"best_val_loss": result.best_val_loss, "val_loss": result.val_loss, "steps": result.step,
+                        "elapsed": result.elapsed, "epsilon": result.epsilon, "delta": result.delta,
+                        "noise_multiplier": result.noise_multiplier}
+        else:
+            r = train(rcfg, run, resume=resume, callback=callback)
+            training = {"best_val_loss": r.best_val_loss, "val_loss": r.val_loss, "steps": r.step,
+                        "elapsed": r.elapsed}
+    except TrainingInterrupted as e:  # the experiment, not only its training run, continues
+        raise e.with_command(f"llmlab privacy canary --resume {out}") from None
     wb = WhiteBox.load(run)
     exp = measure_exposure(wb, fmt, canaries, estimate=cfg.estimate, samples=cfg.samples, beam=cfg.beam,
-                           seed=cfg.seed, callback=cb)
+                           seed=cfg.seed, callback=callback)
     return CanaryExperiment(cfg, str(run), canaries, exp, training, dedup_info)
 
 
