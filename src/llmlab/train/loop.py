@@ -42,7 +42,7 @@ from llmlab.config import ModelConfig
 from llmlab.errors import ConfigError, ModelLoadError
 from llmlab.inspect.viz import loss_curves
 from llmlab.models import build_model
-from llmlab.runtime import keep_freed_memory, resolve_dtype
+from llmlab.runtime import ThreadGovernor, autocast, keep_freed_memory, resolve_dtype
 from llmlab.train.config import DEFAULT_PRESET, RunConfig, TrainConfig
 from llmlab.train.objective import Callback, LoopHooks, Objective, setup_distributed
 from llmlab.train.registry import make_objective
@@ -50,11 +50,16 @@ from llmlab.train.registry import make_objective
 SAFETY_CHECKPOINT_S = 600.0  # with checkpoint_every = 0, a checkpoint at least this often (seconds of training)
 
 
-def lr_at(step: int, t: TrainConfig) -> float:
-    """Linear warmup to lr over warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
+def lr_at(step: int, t: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warmup to lr over warmup_iters, then cosine decay to min_lr at lr_decay_iters. With
+    schedule "time" the decay runs over the max_time budget instead: step counts as the share of the
+    budget spent times the decay length, so a run ends at min_lr when its time is up, however fast the
+    machine."""
     decay = t.lr_decay_iters or t.max_iters
     if step < t.warmup_iters:
         return t.lr * (step + 1) / (t.warmup_iters + 1)
+    if t.schedule == "time" and t.max_time > 0:
+        step = max(t.warmup_iters, int(decay * min(1.0, elapsed / t.max_time)))
     if step >= decay:
         return t.min_lr
     ratio = (step - t.warmup_iters) / max(1, decay - t.warmup_iters)
@@ -275,8 +280,11 @@ def _train(cfg: RunConfig, run: Path, resume: bool, callback: Callback | None, h
     keep_freed_memory()
     dist = setup_distributed()
     emit = callback if (callback and dist.main) else (lambda e, i: None)
+    governor = None
     if t.threads:
         torch.set_num_threads(t.threads)
+    else:  # auto: as many threads as the cores other processes leave free (see runtime.ThreadGovernor)
+        governor = ThreadGovernor()
     torch.manual_seed(t.seed)
     if (t.batch_size // t.grad_accum) % dist.world:
         raise ConfigError(f"micro-batch {t.batch_size // t.grad_accum} (batch_size / grad_accum) is not divisible "
@@ -318,7 +326,6 @@ def _train(cfg: RunConfig, run: Path, resume: bool, callback: Callback | None, h
         train_model = DDP(train_model)
     if t.compile:
         train_model = torch.compile(train_model)
-    autocast = t.dtype == "bfloat16"
     metrics = run / "metrics.jsonl"
     last_ckpt_t = time.perf_counter()
 
@@ -407,7 +414,9 @@ def _train(cfg: RunConfig, run: Path, resume: bool, callback: Callback | None, h
         if t.max_time and elapsed >= t.max_time:
             stopped_by = "max_time"
             break
-        lr = lr_at(step, t)
+        lr = lr_at(step, t, elapsed)
+        if governor is not None:
+            governor.update()
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum = 0.0
@@ -417,7 +426,7 @@ def _train(cfg: RunConfig, run: Path, resume: bool, callback: Callback | None, h
                 sync = m == t.grad_accum - 1
                 ctx = (train_model.no_sync() if not sync and hasattr(train_model, "no_sync")
                        else contextlib.nullcontext())
-                with ctx, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                with ctx, autocast(t.dtype):
                     loss = objective.loss(train_model, batch) / t.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
@@ -441,7 +450,7 @@ def _train(cfg: RunConfig, run: Path, resume: bool, callback: Callback | None, h
             tps = window_tokens / max(1e-9, now - window_t)
             window_t, window_tokens = now, 0
             row = {"kind": "train", "step": step, "loss": round(loss_sum, 5), "lr": lr,
-                   "tokens_per_s": round(tps, 1), "elapsed": round(elapsed, 3)}
+                   "tokens_per_s": round(tps, 1), "threads": torch.get_num_threads(), "elapsed": round(elapsed, 3)}
             if dist.main:
                 _metrics_append(metrics, row)
             emit("log", {**row, "max_iters": t.max_iters})
