@@ -274,7 +274,7 @@ def test_future_format_version_is_refused_by_load(tmp_path: Path, tiny_run: Path
 def test_resume_refuses_model_changes(tmp_path: Path, tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     r = copy_run(tiny_run, tmp_path / "r")
     rc, _, err = run_main(["train", "--resume", str(r), "--n-layer", "3"], capsys)
-    assert rc == 2 and len(err.splitlines()) == 1 and "n_layer" in err
+    assert rc == 2 and len(err.splitlines()) == 1 and ("--n-layer" in err or "n_layer" in err)
     rc, _, err = run_main(["train", "--resume", str(r), "--preset", "small"], capsys)
     assert rc == 2 and len(err.splitlines()) == 1 and "--resume" in err
 
@@ -396,3 +396,115 @@ def test_info_and_export_of_a_run(tiny_run: Path, tmp_path: Path, capsys: pytest
         assert (hf(ids).logits - model(ids)).abs().max() <= 1e-5
     rc, _, err = run_main(["export", str(tiny_run), "--out", str(tmp_path / "hf")], capsys)
     assert rc == 2 and "not empty" in err  # an export never overwrites a folder
+
+
+# ----------------------------------------------------------------------------- shared pieces of the verbs
+
+
+def test_config_overrides_are_grouped_with_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """add_config_overrides (what `llmlab train` and `llmlab privacy canary` take): every field a flag, with
+    help from the config source, in a group saying what it applies to."""
+    import argparse
+
+    from llmlab.cli.common import CONFIG_GROUPS, OTHER_GROUP, add_config_overrides, config_fields, config_overrides
+    from llmlab.train.config import valid_keys
+
+    p = argparse.ArgumentParser(prog="x")
+    names = add_config_overrides(p)
+    assert sorted(names) == valid_keys()
+    groups = {g.title: [a.dest[3:] for a in g._group_actions] for g in p._action_groups}
+    for title, fields in CONFIG_GROUPS.items():
+        assert groups.get(title, []) == [f for f in fields if f in names], title
+    assert groups.get(OTHER_GROUP, []) == [f for f in names if not any(f in v for v in CONFIG_GROUPS.values())]
+    objectives = next(t for t in CONFIG_GROUPS if "objectives" in t)
+    assert "span_len" in groups[objectives] and "span_len" not in groups["model (every architecture)"]
+    bare = [a.option_strings[0] for g in p._action_groups[2:] for a in g._group_actions if not a.help]
+    assert not bare, f"override flags without help: {bare}"
+    p.print_help()
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--span-len FLOAT" in text and "seq2seq denoising: mean length of a corrupted span" in text
+    assert "--no-tie-embeddings" in text and "unset = n_head" in text and "None =" not in text
+    a = p.parse_args(["--n-layer", "2", "--no-bias", "--lr", "0.01"])
+    assert config_overrides(a) == {"n_layer": 2, "bias": False, "lr": 0.01}
+    q = argparse.ArgumentParser()
+    assert "data" not in add_config_overrides(q, skip=["data"]) and len(config_fields()) == len(names)
+
+
+def test_resume_overrides_one_rule(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmlab.cli.common import RESUME_ALLOWED, resume_overrides
+    from llmlab.errors import LlmlabError
+    from llmlab.train.loop import load_run_for_resume
+
+    cfg = load_run_for_resume(tiny_run)
+    again = resume_overrides(cfg, {"max_iters": 9, "threads": None, "eval_interval": 3})
+    assert again.train.max_iters == 9 and again.train.eval_interval == 3 and again.model == cfg.model
+    with pytest.raises(LlmlabError) as e:
+        resume_overrides(cfg, {"lr": 0.1, "n_layer": 2, "max_iters": 9})
+    msg = str(e.value)
+    assert msg.startswith("cannot change --lr, --n-layer when resuming") and all(
+        "--" + k.replace("_", "-") in msg for k in RESUME_ALLOWED)
+    # `llmlab finetune --resume` goes through the same rule (a run whose task is classify)
+    r = copy_run(tiny_run, tmp_path / "ft")
+    conf = json.loads((r / "config.json").read_text())
+    conf["train"]["task"] = "classify"
+    (r / "config.json").write_text(json.dumps(conf))
+    rc, _, err = run_main(["finetune", "classify", "--resume", str(r), "--lr", "0.1", "--base", "minilm"], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "cannot change --base, --lr when resuming" in err and "--log-interval" in err
+
+
+def test_serve_on_a_taken_port_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        rc, out, err = run_main(["serve", str(tmp_path / "never-loaded"), "--port", str(port)], capsys)
+        assert rc == 2 and out == ""
+        assert err == f"llmlab serve: error: port {port} on 127.0.0.1 is already in use; stop the program " \
+                      "listening there or choose another --port\n"
+        # a real process: one line and status 2, no uvicorn log
+        p = subprocess.run([sys.executable, "-m", "llmlab", "serve", str(tmp_path), "--port", str(port)],
+                           capture_output=True, text=True, env=subprocess_env(tmp_path), timeout=120)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "already in use" in p.stderr, p.stderr
+    rc, _, err = run_main(["serve", str(tmp_path), "--host", "no-such-host.invalid", "--port", "0"], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and "cannot listen on no-such-host.invalid:0" in err
+
+
+def test_an_interrupt_that_says_how_to_go_on(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import llmlab.cli as cli
+    from llmlab.cli.common import Verb
+
+    class Stopped(KeyboardInterrupt):
+        exit_code = 143
+
+    def stop(a: object) -> int:
+        raise Stopped("stopped by SIGTERM at step 3; checkpoint saved in runs/x. Continue with: llmlab train "
+                      "--resume runs/x")
+
+    def ctrl_c(a: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.BY_NAME, "report", Verb("report", "", lambda p: None, stop))
+    rc, _, err = run_main(["report", "."], capsys)
+    assert rc == 143 and err == ("llmlab report: stopped by SIGTERM at step 3; checkpoint saved in runs/x. Continue "
+                                 "with: llmlab train --resume runs/x\n")
+    monkeypatch.setitem(cli.BY_NAME, "report", Verb("report", "", lambda p: None, ctrl_c))
+    rc, _, err = run_main(["report", "."], capsys)
+    assert rc == 130 and err == "llmlab report: interrupted\n"
+
+
+def test_train_help_groups_the_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    if "overrides (any field of the model or training config)" in out:
+        pytest.skip("cli/train.py does not use cli.common.add_config_overrides yet")
+    from llmlab.cli.common import CONFIG_GROUPS
+
+    for title in CONFIG_GROUPS:
+        assert f"\n{title}:\n" in out, title
+    text = " ".join(out.split())
+    assert "--span-len FLOAT seq2seq denoising" in text and "--lr FLOAT peak learning rate" in text

@@ -176,7 +176,7 @@ def test_dp_settings_are_checked_before_anything_is_written(corpus: Path, tmp_pa
 
 def test_interrupted_canary_experiment_is_continued_by_the_command_it_names(corpus: Path, tmp_path: Path) -> None:
     cfg = CanaryConfig(format="my PIN is {d}{d}{d}", repeats=(1, 16), controls=1, data=str(corpus), max_chars=0,
-                       train=dict(TRAIN, max_iters=8), defense="dp", dp={"noise_multiplier": 1.0})
+                       train=dict(TRAIN, max_iters=8), defence="dp", dp={"noise_multiplier": 1.0})
     whole = run_canary_experiment(cfg, tmp_path / "whole")
     out = tmp_path / "stopped"
     with pytest.raises(TrainingInterrupted) as e:

@@ -34,8 +34,8 @@ def make_corpus(path: Path, docs: int = 30, lines: int = 20, seed: int = 0) -> P
 
 
 def _config(data: Path, **kw) -> CanaryConfig:  # noqa: ANN003
-    return CanaryConfig(format="my PIN is {d}{d}{d}{d}", repeats=(1, 64), controls=1, data=str(data), max_chars=0,
-                        train=dict(TRAIN), **kw)
+    return CanaryConfig(format="my PIN is {d}{d}{d}{d}", repeats=(1, 64), per_count=1, controls=1, data=str(data),
+                        max_chars=0, train=dict(TRAIN), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def experiments(tmp_path_factory: pytest.TempPathFactory) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMLAB_CACHE", str(root / "cache"))
         base = run_canary_experiment(_config(data), root / "base")
-        dp = run_canary_experiment(_config(data, defense="dp", dp={"noise_multiplier": 1.0, "max_grad_norm": 1.0}),
+        dp = run_canary_experiment(_config(data, defence="dp", dp={"noise_multiplier": 1.0, "max_grad_norm": 1.0}),
                                    root / "dp")
     return {"root": root, "base": base, "dp": dp}
 
@@ -93,7 +93,7 @@ def test_compare_reports_before_and_after(experiments: dict) -> None:
     assert by_r[64]["before"] == pytest.approx(_by_repeats(experiments["base"])[64])
     assert by_r[64]["after"] == pytest.approx(_by_repeats(experiments["dp"])[64])
     assert by_r[64]["change"] < 0
-    assert {m["attack"] for m in res.mia} == {"loss", "zlib", "min_k", "min_k++", "neighbourhood"}
+    assert {m["attack"] for m in res.mia} == {"loss", "zlib", "min_k", "min_k++", "neighbourhood", "blind"}
     assert all(0 <= m["auc_before"] <= 1 and 0 <= m["auc_after"] <= 1 for m in res.mia)
     assert res.val_loss["cost"] == pytest.approx(res.val_loss["after"] - res.val_loss["before"])
     assert res.val_loss["after"] > res.val_loss["before"]  # DP costs utility
@@ -113,3 +113,27 @@ def test_compare_command(experiments: dict, tmp_path: Path, capsys: pytest.Captu
     assert [e["repeats"] for e in res["exposure"]] == [1, 64, 0]
     assert res["val_loss"]["cost"] > 0 and res["defended"]["dp"]["epsilon"] > 0
     assert rep["model_sha256"] and (out / "report.html").read_text().count("data:image/png;base64,") == 3
+
+
+def test_several_canaries_per_count_give_a_mean_and_spread(tmp_path: Path) -> None:
+    from llmlab.security.privacy.canary import (
+        CanaryFormat,
+        ExposureResult,
+        canary_corpus,
+        draw_canaries,
+        exposure_by_count,
+    )
+
+    fmt = CanaryFormat.parse("my PIN is {d}{d}{d}{d}")
+    cans = draw_canaries(fmt, [r for r in (1, 4) for _ in range(3)], 3, seed=0)
+    assert [c.repeats for c in cans] == [1, 1, 1, 4, 4, 4, 0, 0, 0] and len({c.secret for c in cans}) == 9
+    res = ExposureResult(fmt.text, fmt.space_size, "exact", math.log2(fmt.space_size),
+                         [{"repeats": c.repeats, "exposure": float(i)} for i, c in enumerate(cans)])
+    by = {g["repeats"]: g for g in exposure_by_count(res)}
+    assert by[1]["n"] == 3 and by[1]["mean"] == 1.0 and by[1]["lo"] < 1.0 < by[1]["hi"]
+    assert by[4]["min"] == 3.0 and by[4]["max"] == 5.0
+    # the canary corpus is split by characters: the validation share holds in characters
+    data = make_corpus(tmp_path / "c.jsonl", docs=12, lines=30)
+    train, val = canary_corpus(str(data), 0, 0.1)
+    share = sum(map(len, val)) / (sum(map(len, train)) + sum(map(len, val)))
+    assert 0.08 < share < 0.12

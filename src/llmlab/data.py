@@ -88,9 +88,11 @@ def _read_jsonl(path: Path, field: str, errors: str) -> list[str]:
     return docs
 
 
-def load_corpus(data: str | None = None, text_field: str = "text", encoding_errors: str = "strict") -> list[str]:
+def load_corpus(data: str | None = None, text_field: str = "text", encoding_errors: str = "strict",
+                flag: str = "--data") -> list[str]:
     """Documents of a corpus: None = the built-in default; a text file (one document); a folder or glob
-    of .txt/.md files (one document each, sorted by path); a .jsonl file (`text_field` of each line)."""
+    of .txt/.md files (one document each, sorted by path); a .jsonl file (`text_field` of each line).
+    `flag` is the option the path came from, named in error messages."""
     if encoding_errors not in ("strict", "replace", "ignore"):
         raise DataError(f"--encoding-errors {encoding_errors!r} is not one of strict, replace, ignore")
     if data is None or data == "default":
@@ -99,7 +101,7 @@ def load_corpus(data: str | None = None, text_field: str = "text", encoding_erro
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
         if not files:
-            raise DataError(f"folder {p} has no .txt or .md files; point --data at text files")
+            raise DataError(f"folder {p} has no .txt or .md files; point {flag} at text files")
     elif p.is_file():
         files = [p]
     elif any(ch in data for ch in "*?["):
@@ -107,7 +109,7 @@ def load_corpus(data: str | None = None, text_field: str = "text", encoding_erro
         if not files:
             raise DataError(f"the glob {data!r} matches no files")
     else:
-        raise DataError(f"--data {data}: no such file or folder")
+        raise DataError(f"{flag} {data}: no such file or folder")
     docs: list[str] = []
     for f in files:
         if f.suffix.lower() == ".jsonl":

@@ -46,8 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LlmlabError as e:
         print(f"llmlab {a.verb}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"llmlab {a.verb}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C; training's TrainingInterrupted says what was saved and how to go on
+        print(f"llmlab {a.verb}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except BrokenPipeError:
         return 0

@@ -1,5 +1,6 @@
 """Verbs of the encoder and encoder-decoder families: `llmlab finetune classify`, `llmlab classify`,
-`llmlab dataset`. (`llmlab train --arch bert|seq2seq` and `llmlab generate` on a seq2seq run live in cli.py.)"""
+`llmlab dataset`. (`llmlab train --arch bert|seq2seq` is in cli/train.py, `llmlab generate` on a seq2seq run in
+cli/models.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from llmlab.cli.common import TrainProgress, console, verb
+from llmlab.cli.common import ProgressRenderer, console, resume_overrides, verb
 from llmlab.datasets import GENERATORS, make_dataset, write_dataset
 from llmlab.errors import LlmlabError
 from llmlab.train.classify import classify, make_finetune_config
@@ -19,7 +20,8 @@ from llmlab.train.loop import load_run_for_resume, train
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=["classify"], help="what to fine-tune for (classify: sequence classification)")
-    p.add_argument("--base", help="the encoder to start from: an llmlab run trained with --arch bert, or minilm")
+    p.add_argument("--base", help="the encoder to start from: an llmlab run trained with `llmlab train --arch bert`, "
+                                  "or minilm")
     p.add_argument("--data", help="CSV (with a header) or JSONL of examples with a text and a label")
     p.add_argument("--out", help="the run folder (default runs/classify-<timestamp>)")
     p.add_argument("--resume", metavar="RUN", help="continue a fine-tune from its last checkpoint")
@@ -33,6 +35,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=None, help="tokens kept per text (default 128)")
     p.add_argument("--label-smoothing", type=float, default=None)
     p.add_argument("--eval-interval", type=int, default=None, help="steps between evaluations (default 50)")
+    p.add_argument("--log-interval", type=int, default=None, help="steps between loss lines (default 10)")
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -40,27 +43,20 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 
 @verb("finetune", "fine-tune an encoder (an llmlab encoder run or minilm) as a text classifier", _finetune_args)
 def cmd_finetune(a: argparse.Namespace) -> int:
-    import dataclasses
-
-
     names = ("text_field", "label_field", "val_fraction", "max_iters", "max_time", "batch_size", "lr", "max_len",
-             "label_smoothing", "eval_interval", "checkpoint_every", "seed", "threads")
+             "label_smoothing", "eval_interval", "log_interval", "checkpoint_every", "seed", "threads")
     overrides = {k: getattr(a, k) for k in names if getattr(a, k) is not None}
     if a.resume:
         cfg = load_run_for_resume(a.resume)
         if cfg.train.task != "classify":
-            raise LlmlabError(f"{a.resume} is not a classification fine-tune; resume it with llmlab train --resume")
-        allowed = {"max_iters", "max_time", "checkpoint_every", "threads", "eval_interval"}
-        bad = sorted(set(overrides) - allowed)
-        if bad or a.base or a.data:
-            raise LlmlabError(f"cannot change {', '.join(bad) or '--base/--data'} when resuming; only "
-                              f"{', '.join(sorted(allowed))}")
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
+            raise LlmlabError(f"{a.resume} is not a classification fine-tune; resume it with "
+                              f"`llmlab train --resume {a.resume}`")
+        cfg = resume_overrides(cfg, {**overrides, "base": a.base, "data": a.data})
         run = Path(a.resume)
     else:
         if not a.base:
-            raise LlmlabError("give the encoder to fine-tune with --base (an llmlab run trained with --arch bert, "
-                              "or minilm)")
+            raise LlmlabError("give the encoder to fine-tune with --base (an llmlab run trained with "
+                              "`llmlab train --arch bert`, or minilm)")
         if not a.data:
             raise LlmlabError("give the labelled examples with --data FILE (CSV or JSONL with text and label; "
                               "`llmlab dataset pydoc-topics --out topics.csv` makes one)")
@@ -69,7 +65,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         if run.exists() and any(run.iterdir()):
             raise LlmlabError(f"{run} already exists and is not empty; resume it with --resume {run} or choose "
                               "another --out")
-    with TrainProgress() as progress:
+    with ProgressRenderer() as progress:
         result = train(cfg, run, resume=bool(a.resume), callback=progress)
     c = console()
     ev_path = run / "eval.json"

@@ -13,7 +13,7 @@ from llmlab.security.report import find_reports
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="a run folder, an experiment's --out folder, or any folder above them")
+    p.add_argument("path", help="a run folder, an experiment's output folder, or any folder above them")
     p.add_argument("--open", action="store_true", help="open the newest report.html in a browser")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
 
@@ -22,10 +22,10 @@ def _args(p: argparse.ArgumentParser) -> None:
 def cmd_report(a: argparse.Namespace) -> int:
     root = Path(a.path)
     if not root.exists():
-        raise LlmlabError(f"{root} does not exist; give a run folder or an experiment's --out folder")
+        raise LlmlabError(f"{root} does not exist; give a run folder or the folder an experiment wrote its report to")
     reports = find_reports(root)
     if not reports:
-        raise LlmlabError(f"no report.json under {root}; run an experiment with --out {root}/...")
+        raise LlmlabError(f"no report.json under {root}; write one there, e.g. `llmlab scan TARGET --out {root}/scan`")
     items = []
     for r in reports:
         d = json.loads((r / "report.json").read_text())

@@ -7,7 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
-from llmlab.cli.common import console, verb
+from llmlab.cli.common import ProgressRenderer, console, verb
 from llmlab.errors import LlmlabError
 from llmlab.security.scan.probes import load_probes
 from llmlab.security.scan.scanner import SCAN_SYSTEM, ScanConfig, run_scan, write_scan_report
@@ -64,11 +64,8 @@ def cmd_scan(a: argparse.Namespace) -> int:
                      max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed, bootstrap=a.bootstrap)
     out = Path(a.out) if a.out else Path("runs") / f"scan-{time.strftime('%Y%m%d-%H%M%S')}"
     c.print(f"scanning {target.name}: {len(probes)} probes x {len(defences)} defence settings", style="bold")
-
-    def progress(done: int, total: int) -> None:
-        console(stderr=True).print(f"  {done}/{total} attempts")
-
-    result = run_scan(target, probes, cfg, progress)
+    with ProgressRenderer() as progress:
+        result = run_scan(target, probes, cfg, progress)
     write_scan_report(result, out, model=target.path if isinstance(target, LlmlabChatTarget) else None)
     t = Table("family", "attempts", *defences)
     families = [f for f in result.rates["none"] if f != "overall"] + ["overall"]

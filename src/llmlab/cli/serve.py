@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
+import socket
 import sys
 
 from llmlab.cli.common import verb
 from llmlab.errors import LlmlabError
 from llmlab.serve.app import ServeLimits, asgi_app, create_app, load_for_serving
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, with one line naming the fix, an address uvicorn could not listen on (it would log seven lines
+    and exit 3): bind a socket the way uvicorn does (SO_REUSEADDR, so a port in TIME_WAIT counts as free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", errno.EADDRINUSE)):
+                raise LlmlabError(f"port {port} on {host} is already in use; stop the program listening there or "
+                                  "choose another --port") from None
+            raise LlmlabError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host") from None
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -42,6 +59,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             raise LlmlabError(f"{flag} must be at least 1")
     if a.default_max_tokens > a.max_tokens:
         raise LlmlabError("--default-max-tokens is larger than --max-tokens; lower it")
+    check_port(a.host, a.port)  # before loading the model: a taken port is found at once
     key = a.api_key or os.environ.get("LLMLAB_API_KEY") or None
     model = load_for_serving(a.run)
     name = a.name or Path(a.run).resolve().name

@@ -7,40 +7,26 @@ import os
 import sys
 from pathlib import Path
 
-from llmlab.cli.common import TrainProgress, console, verb
-from llmlab.config import ModelConfig
+from llmlab.cli.common import (
+    ProgressRenderer,
+    add_config_overrides,
+    config_overrides,
+    console,
+    resume_overrides,
+    verb,
+)
 from llmlab.errors import LlmlabError
 from llmlab.security.privacy.dp import DPHooks, is_dp_run
-from llmlab.train.config import MODEL_CLI_SKIP, PRESETS, TrainConfig, resolve_config
+from llmlab.train.config import PRESETS, resolve_config
 from llmlab.train.loop import TrainingInterrupted, existing_run_message, load_run_for_resume, train
 
 
-def _field_type(f) -> type:  # noqa: ANN001
-    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    for name, typ in (("bool", bool), ("int", int), ("float", float)):
-        if t.startswith(name):
-            return typ
-    return str
-
-
 def _train_args(p: argparse.ArgumentParser) -> None:
-    import dataclasses
-
-
     p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default tiny)")
     p.add_argument("--config", help="a TOML file with [model] and [train] tables")
     p.add_argument("--out", help="the run folder (default runs/<preset>-<timestamp>)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
-    g = p.add_argument_group("overrides (any field of the model or training config)")
-    fields = [f for f in dataclasses.fields(TrainConfig)] + \
-        [f for f in dataclasses.fields(ModelConfig) if f.name not in MODEL_CLI_SKIP]
-    for f in fields:
-        typ = _field_type(f)
-        flag = "--" + f.name.replace("_", "-")
-        if typ is bool:
-            g.add_argument(flag, dest=f"ov_{f.name}", action=argparse.BooleanOptionalAction, default=None)
-        else:
-            g.add_argument(flag, dest=f"ov_{f.name}", type=typ, default=None, metavar=typ.__name__.upper())
+    add_config_overrides(p)  # every TrainConfig / ModelConfig field, grouped by what it applies to, with help
 
 
 @verb("train", "train a model (default: a small character-level GPT on the Python language reference)",
@@ -49,18 +35,11 @@ def cmd_train(a: argparse.Namespace) -> int:
     import time
 
 
-    overrides = {k[3:]: v for k, v in vars(a).items() if k.startswith("ov_") and v is not None}
+    overrides = config_overrides(a)
     if a.resume:
         if a.preset or a.config:
             raise LlmlabError("--resume continues a run with its own config; drop --preset/--config")
-        cfg = load_run_for_resume(a.resume)
-        allowed = {"max_iters", "max_time", "checkpoint_every", "threads", "eval_interval", "log_interval"}
-        bad = sorted(set(overrides) - allowed)
-        if bad:
-            raise LlmlabError(f"cannot change {', '.join(bad)} when resuming; only {', '.join(sorted(allowed))}")
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
+        cfg = resume_overrides(load_run_for_resume(a.resume), overrides)
         run = Path(a.resume)
     else:
         cfg = resolve_config(a.preset, a.config, overrides)
@@ -68,9 +47,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         if run.exists() and any(run.iterdir()):
             raise LlmlabError(existing_run_message(run))
     hooks = None
-    if a.resume and is_dp_run(run):  # a DP-SGD run (llmlab privacy canary --defense dp) resumes with its DP settings
+    if a.resume and is_dp_run(run):  # a DP-SGD run (llmlab privacy canary --defence dp) resumes with its DP settings
         hooks = DPHooks.from_run(run)
-    progress = TrainProgress()
+    progress = ProgressRenderer()
     try:
         with progress:
             result = train(cfg, run, resume=bool(a.resume), callback=progress, hooks=hooks)

@@ -114,14 +114,14 @@ def load_base_encoder(base: str) -> torch.nn.Module:
     """The encoder to fine-tune: an llmlab encoder run folder or `minilm`; anything else is refused."""
 
     if not base:
-        raise ConfigError("give the encoder to fine-tune with --base: an llmlab run trained with --arch bert, "
-                          "or minilm")
+        raise ConfigError("give the encoder to fine-tune with --base: an llmlab run trained with "
+                          "`llmlab train --arch bert`, or minilm")
     model = load(base)
     arch = model.config.arch
     if arch != "bert":
         kind = {"gpt": "decoder-only", "seq2seq": "encoder-decoder"}.get(arch, arch)
         raise ModelLoadError(f"--base {base} is a {kind} ({arch}) model; classification fine-tunes an encoder: "
-                             "give a run trained with --arch bert, or minilm")
+                             "give a run trained with `llmlab train --arch bert`, or minilm")
     if model.tokenizer is None:
         raise ModelLoadError(f"--base {base} has no tokenizer folder; give a run folder made by llmlab train")
     return model

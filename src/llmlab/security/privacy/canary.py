@@ -177,12 +177,15 @@ def insert_canaries(docs: Sequence[str], canaries: Sequence[Canary], seed: int) 
     return out
 
 
-def canary_corpus(data: str | None, max_chars: int, val_fraction: float, min_docs: int = 10
+def canary_corpus(data: str | None, max_chars: int, val_fraction: float, min_docs: int = 10, split: str = "chunks",
+                  seed: int = 0, text_field: str = "text", encoding_errors: str = "strict"
                   ) -> tuple[list[str], list[str]]:
     """A corpus for a canary experiment, as (train docs, val docs): the documents of `data` (the built-in
     corpus when None), the first max_chars characters of them (0 = all), cut into at least min_docs
-    documents at paragraph breaks so the split is by document."""
-    docs = [d for d in load_corpus(data) if d]
+    documents at paragraph breaks, then split by llmlab.data.split_corpus: by default "chunks", i.i.d.
+    pieces of characters, so the validation share holds in characters and members and non-members come
+    from the same text (a split "by document" of a few long pages can hold half the text out)."""
+    docs = [d for d in load_corpus(data, text_field, encoding_errors) if d]
     if max_chars:
         kept, total = [], 0
         for d in docs:
@@ -203,7 +206,7 @@ def canary_corpus(data: str | None, max_chars: int, val_fraction: float, min_doc
             start = end
         if len(docs) < min_docs:
             raise PrivacyError("the corpus is too short to split into 10 documents; give more text with --data")
-    return split_corpus(docs, val_fraction)
+    return split_corpus(docs, val_fraction, split, seed)
 
 
 def write_corpus(path: str | Path, train: Sequence[str], val: Sequence[str]) -> float:
@@ -422,11 +425,17 @@ def measure_exposure(wb: WhiteBox, fmt: CanaryFormat, canaries: Sequence[Canary]
         else:
             px_all = score_texts(wb, [fmt.fill(fmt.secret_at(i)) for i in range(space)], callback=cb,
                                  name="score space")
+        sample = np.random.default_rng(seed).choice(px_all, size=min(samples, space), replace=False)
         for c in canaries:
             px = float(px_all[fmt.index_of(c.secret)])
             rank = int((px_all <= px).sum())
+            ext, fit = skewnorm_exposure(sample, px)
             entries.append({"secret": c.secret, "text": c.text, "repeats": c.repeats, "px_bits": px, "rank": rank,
-                            "exposure": exposure_from_rank(rank, space)})
+                            "exposure": exposure_from_rank(rank, space),
+                            # the estimator a larger space would need, beside the exact value, to show its error
+                            "exposure_skewnorm": min(res.max_exposure, max(0.0, ext)),
+                            "skewnorm_clipped": bool(ext > res.max_exposure)})
+            res.fit = fit
         hist, edges = np.histogram(px_all, bins=80)
         res.histogram = {"counts": hist.tolist(), "edges": edges.tolist()}
     else:
@@ -439,8 +448,13 @@ def measure_exposure(wb: WhiteBox, fmt: CanaryFormat, canaries: Sequence[Canary]
             ext, fit = skewnorm_exposure(ref, px)
             below = int((ref <= px).sum())
             entries.append({"secret": c.secret, "text": c.text, "repeats": c.repeats, "px_bits": px,
-                            "rank_estimate": max(1.0, space * below / samples),
+                            # rank and exposure_sampled come from one estimator (the share of random candidates
+                            # scoring below); exposure from another (the skew-normal tail), clipped at log2|R|
+                            "rank_estimate": max(1.0, space * (1 + below) / (samples + 1)),
+                            "exposure_sampled": math.log2(samples + 1) - math.log2(1 + below),
                             "exposure": min(res.max_exposure, max(0.0, ext)),
+                            "exposure_skewnorm": min(res.max_exposure, max(0.0, ext)),
+                            "skewnorm_clipped": bool(ext > res.max_exposure),
                             "exposure_interpolated": math.log2(samples) - math.log2(1 + below)})
             res.fit = fit
         hist, edges = np.histogram(ref, bins=80)
@@ -470,11 +484,15 @@ class CanaryConfig:
 
     format: str = DEFAULT_FORMAT
     repeats: tuple[int, ...] = (1, 4, 16, 64)
-    controls: int = 1
+    per_count: int = 3  # canaries per repetition count: the curve shows their mean and spread, not one draw
+    controls: int = 3  # never-inserted canaries (the negative control)
     seed: int = 0
     data: str | None = None
     max_chars: int = 100_000
     val_fraction: float = 0.1
+    split: str = "chunks"  # the corpus's train/val split (llmlab.data.split_corpus): by characters by default
+    text_field: str = "text"
+    encoding_errors: str = "strict"
     preset: str = "tiny"
     train: dict[str, Any] = field(default_factory=lambda: dict(block_size=64, max_iters=800, batch_size=32,
                                                                eval_interval=200, eval_iters=10, lr=2e-3,
@@ -482,7 +500,7 @@ class CanaryConfig:
     estimate: bool = False
     samples: int = 10000
     beam: int = 16
-    defense: str = "none"  # none | dedup | dp
+    defence: str = "none"  # none | dedup | dp
     dp: dict[str, Any] = field(default_factory=dict)
 
 
@@ -541,18 +559,22 @@ def run_canary_experiment(cfg: CanaryConfig, out: str | Path, callback: Callback
     if fmt.space_size > EXACT_LIMIT and not cfg.estimate:
         raise PrivacyError(f"the format {fmt.text!r} has {fmt.space_size:,} candidates, more than {EXACT_LIMIT:,} "
                            "to score exactly; pass --estimate to use the skew-normal estimate, or use fewer slots")
-    if cfg.defense not in ("none", "dedup", "dp"):
-        raise PrivacyError(f"--defense {cfg.defense!r} is not one of none, dedup, dp")
+    if cfg.defence not in ("none", "dedup", "dp"):
+        raise PrivacyError(f"--defence {cfg.defence!r} is not one of none, dedup, dp")
+    if cfg.per_count < 1:
+        raise PrivacyError("--per-count must be at least 1")
     if any(r < 0 for r in cfg.repeats):
         raise PrivacyError("--repeats must be non-negative counts, e.g. 1,4,16,64")
     run = out / "run"
     if run.exists() and any(run.iterdir()):
         raise PrivacyError(_existing_message(out))
-    canaries = draw_canaries(fmt, cfg.repeats, cfg.controls, cfg.seed)
-    train_docs, val_docs = canary_corpus(cfg.data, cfg.max_chars, cfg.val_fraction)
+    canaries = draw_canaries(fmt, [r for r in cfg.repeats for _ in range(cfg.per_count)], cfg.controls, cfg.seed)
+    train_docs, val_docs = canary_corpus(cfg.data, cfg.max_chars, cfg.val_fraction, split=cfg.split,
+                                         seed=cfg.seed, text_field=cfg.text_field,
+                                         encoding_errors=cfg.encoding_errors)
     train_docs = insert_canaries(train_docs, canaries, cfg.seed + 1)
     dedup_info: dict[str, Any] = {}
-    if cfg.defense == "dedup":
+    if cfg.defence == "dedup":
         shortest = min(len(c.text) for c in canaries)  # a short canary line still counts as a duplicate
         train_docs, dedup_info = dedup_docs(train_docs, mode="both", min_line_chars=min(8, shortest), callback=cb)
     out.mkdir(parents=True, exist_ok=True)
@@ -569,7 +591,9 @@ def resume_canary_experiment(out: str | Path, callback: Callback | None = None) 
     out = Path(out)
     try:
         saved = json.loads((out / EXPERIMENT_FILE).read_text())
-        d = saved["config"]
+        d = dict(saved["config"])
+        if "defense" in d:  # written before the spelling became "defence"
+            d["defence"] = d.pop("defense")
         cfg = CanaryConfig(**{**d, "repeats": tuple(d["repeats"])})
     except FileNotFoundError:
         raise PrivacyError(f"{out} holds no canary experiment to resume (no {EXPERIMENT_FILE}); give the --out "
@@ -604,7 +628,7 @@ def _train_and_measure(cfg: CanaryConfig, out: Path, vf: float, dedup_info: dict
                  "seed": cfg.seed + 1337}
     rcfg = load_run_for_resume(run) if resume else resolve_config(cfg.preset, None, overrides)
     try:
-        if cfg.defense == "dp":
+        if cfg.defence == "dp":
             result = train_dp(rcfg, run, DPConfig(**cfg.dp), callback=callback, resume=resume)
             training = {"best_val_loss": result.best_val_loss, "val_loss": result.val_loss, "steps": result.step,
                         "elapsed": result.elapsed, "epsilon": result.epsilon, "delta": result.delta,
@@ -624,8 +648,24 @@ def _train_and_measure(cfg: CanaryConfig, out: Path, vf: float, dedup_info: dict
 # ----------------------------------------------------------------------------- figures
 
 
+def exposure_by_count(res: ExposureResult) -> list[dict[str, Any]]:
+    """Per repetition count: how many canaries, their mean exposure with a t interval, min and max."""
+    from llmlab.stats import mean_ci
+
+    groups: dict[int, list[float]] = {}
+    for c in res.canaries:
+        groups.setdefault(int(c["repeats"]), []).append(float(c["exposure"]))
+    out = []
+    for r in sorted(groups):
+        m, lo, hi = mean_ci(groups[r])
+        out.append({"repeats": r, "n": len(groups[r]), "mean": m, "lo": lo, "hi": hi, "min": min(groups[r]),
+                    "max": max(groups[r])})
+    return out
+
+
 def plot_exposure(results: dict[str, ExposureResult]) -> Any:
-    """Exposure against the number of insertions (0 = never-inserted control), one line per model."""
+    """Exposure against the number of insertions (0 = never-inserted controls), one line per model: every
+    canary as a dot, the mean per count as the line, its 95% t interval as the bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -635,10 +675,16 @@ def plot_exposure(results: dict[str, ExposureResult]) -> Any:
     ticks: set[int] = set()
     max_e = 0.0
     for label, res in results.items():
-        pts = sorted((c["repeats"], c["exposure"]) for c in res.canaries)
-        xs = [math.log2(r) + 1 if r > 0 else 0 for r, _ in pts]
-        ax.plot(xs, [e for _, e in pts], "o-", label=label)
-        ticks.update(r for r, _ in pts)
+        x_of = lambda r: math.log2(r) + 1 if r > 0 else 0  # noqa: E731
+        groups = exposure_by_count(res)
+        xs = [x_of(g["repeats"]) for g in groups]
+        means = [g["mean"] for g in groups]
+        err = [[g["mean"] - g["lo"] if math.isfinite(g["lo"]) else 0 for g in groups],
+               [g["hi"] - g["mean"] if math.isfinite(g["hi"]) else 0 for g in groups]]
+        line = ax.errorbar(xs, means, yerr=err, fmt="o-", capsize=3, label=f"{label} (mean, 95% CI)")
+        ax.scatter([x_of(c["repeats"]) for c in res.canaries], [c["exposure"] for c in res.canaries], s=10,
+                   alpha=0.5, color=line[0].get_color())
+        ticks.update(g["repeats"] for g in groups)
         max_e = max(max_e, res.max_exposure)
     ax.axhline(max_e, color="gray", ls="--", lw=1, label=f"maximum log2|R| = {max_e:.1f}")
     ax.set_xticks([math.log2(r) + 1 if r > 0 else 0 for r in sorted(ticks)])
@@ -646,7 +692,7 @@ def plot_exposure(results: dict[str, ExposureResult]) -> Any:
     ax.set_xlabel("times the canary was inserted")
     ax.set_ylabel("exposure (bits)")
     ax.set_ylim(0, max_e * 1.05)
-    ax.set_title("canary exposure vs repetitions")
+    ax.set_title("canary exposure vs repetitions (dots: single canaries)")
     ax.legend(fontsize=8)
     return fig
 

@@ -1,11 +1,11 @@
-"""What the privacy experiments share: the error type, progress callbacks, a run's train/val splits, and
-batched per-token statistics of documents under a white-box model."""
+"""What the privacy experiments share: the error type, the progress protocol (llmlab.progress), a run's
+train/val splits, and batched per-token statistics of documents under a white-box model."""
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,36 +16,16 @@ import torch.nn.functional as F
 from llmlab.checkpoint import read_run_config
 from llmlab.data import load_corpus, split_corpus
 from llmlab.errors import LlmlabError
+from llmlab.progress import Progress, Stage, quiet  # noqa: F401  (Stage, quiet: used from here by the labs)
 from llmlab.security.targets import WhiteBox
 
-# callback(event, info): "stage" {name, total} starts a progress task, "advance" {name, n} moves it,
-# "done" {name} ends it, "warning" {text}; trainer events (start, log, eval, end) are passed through.
-Callback = Callable[[str, dict[str, Any]], None]
+# progress(event, info): the one protocol of llmlab.progress (stage_start/advance/stage_end, message; the
+# trainer's start/log/eval/checkpoint/end are passed through). Kept here under its old names for callers.
+Callback = Progress
 
 
 class PrivacyError(LlmlabError):
     """A privacy experiment cannot run on this input; the message names the fix."""
-
-
-def quiet(event: str, info: dict[str, Any]) -> None:
-    """A callback that ignores everything."""
-
-
-class Stage:
-    """Context manager reporting a progress task through a callback."""
-
-    def __init__(self, callback: Callback | None, name: str, total: int | None):
-        self.cb, self.name, self.total = callback or quiet, name, total
-
-    def __enter__(self) -> Stage:
-        self.cb("stage", {"name": self.name, "total": self.total})
-        return self
-
-    def advance(self, n: int = 1) -> None:
-        self.cb("advance", {"name": self.name, "n": n})
-
-    def __exit__(self, *exc: object) -> None:
-        self.cb("done", {"name": self.name})
 
 
 def corpus_hash(docs: Sequence[str]) -> str:
@@ -65,10 +45,12 @@ class Splits:
     info: dict[str, Any]
 
 
-def run_splits(run: str | Path) -> Splits:
+def run_splits(run: str | Path, fix: str = "") -> Splits:
     """Rebuild a run's train and val splits from the "data" section of its config.json (source, hash,
-    val_fraction), with load_corpus + split_corpus, and check the corpus hash still matches."""
+    val_fraction), with load_corpus + split_corpus, and check the corpus hash still matches. `fix` is the
+    caller's other way out, added to the error messages (e.g. "give --members FILE and --nonmembers FILE")."""
     run = Path(run)
+    alt = f" or {fix}" if fix else ""
     try:
         cfg = read_run_config(run)
     except LlmlabError:
@@ -76,18 +58,17 @@ def run_splits(run: str | Path) -> Splits:
     info = cfg.get("data")
     if not info or "source" not in info or "val_fraction" not in info:
         raise PrivacyError(f"{run} does not record its training split (no 'data' section in config.json); "
-                           "retrain it with `llmlab train`, or give --members FILE and --nonmembers FILE")
+                           f"retrain it with `llmlab train`{',' if fix else ''}{alt}")
     src = info["source"]
     data = None if str(src).startswith("default:") else src
-    text_field = cfg.get("train", {}).get("text_field", "text")
+    train_cfg = cfg.get("train", {})
     if data is not None and not Path(data).exists():
-        raise PrivacyError(f"{run} was trained on {data}, which no longer exists; restore the file or give "
-                           "--members FILE and --nonmembers FILE")
-    docs = load_corpus(data, text_field)
+        raise PrivacyError(f"{run} was trained on {data}, which no longer exists; restore the file{alt}")
+    docs = load_corpus(data, train_cfg.get("text_field", "text"), train_cfg.get("encoding_errors", "strict"))
     if info.get("hash") and corpus_hash(docs) != info["hash"]:
-        raise PrivacyError(f"the corpus {src} has changed since {run} was trained (hash mismatch); restore it or "
-                           "give --members FILE and --nonmembers FILE")
-    train, val = split_corpus(docs, float(info["val_fraction"]))
+        raise PrivacyError(f"the corpus {src} has changed since {run} was trained (hash mismatch); restore it{alt}")
+    train, val = split_corpus(docs, float(info["val_fraction"]), info.get("split", "end"),
+                              int(info.get("split_seed", 0)))
     return Splits(train, val, dict(info))
 
 

@@ -111,7 +111,7 @@ class DPHooks(LoopHooks):
         cfg, dp = objective.cfg, self.dp
         t = cfg.train
         if objective.name != "lm" or cfg.model.arch != "gpt":
-            raise PrivacyError("DP training here is for decoder-only GPT runs; use --arch gpt (task lm)")
+            raise PrivacyError("DP-SGD here trains decoder-only GPT runs (arch gpt, task lm)")
         if dp.max_grad_norm <= 0 or dp.delta <= 0 or dp.delta >= 1:
             raise PrivacyError("DP-SGD needs --max-grad-norm > 0 and 0 < --delta < 1")
         if objective.dist.world > 1:

@@ -262,7 +262,7 @@ def run_mia(wb: WhiteBox, members: Sequence[str], nonmembers: Sequence[str], cfg
             scores[attack] = [min_k((s["logp"] - s["mu"]) / s["sigma"].clamp(min=1e-6), cfg.k) for s in stats]
         elif attack == "reference":
             if reference is None:
-                skipped[attack] = "no reference model (pass --reference RUN)"
+                skipped[attack] = "no reference model given"
                 continue
             ref_seqs = [reference.encode(t)[: reference.block_size + 1] for t in texts]
             with Stage(cb, "reference model", len(ref_seqs)) as st:
