@@ -20,7 +20,7 @@ from llmlab.models import build_model
 from llmlab.security.scan import detectors as det
 from llmlab.security.scan.defences import BLOCKED, WITHHELD, input_filter, prepare
 from llmlab.security.scan.probes import insert_at, load_probe_file, load_probes, parse_probes, split_payload
-from llmlab.security.scan.scanner import ScanConfig, bootstrap_ci, paired_difference, run_scan, write_scan_report
+from llmlab.security.scan.scanner import ScanConfig, paired_difference, run_scan, write_scan_report
 from llmlab.security.targets import BatchChatTarget, LlmlabChatTarget, parse_target
 from llmlab.train.chat import chat_tokenizer, make_dataset
 
@@ -142,10 +142,18 @@ def test_input_filter_blocks_injections_and_passes_clean_text() -> None:
     assert input_filter("Summarise this document:", "Experts say the river will change soon.") is None
 
 
-def test_bootstrap_ci() -> None:
-    lo, hi = bootstrap_ci([1] * 30 + [0] * 70, n_boot=2000, seed=0)
-    assert 0.18 < lo < 0.3 < hi < 0.42
-    assert bootstrap_ci([0] * 10) == (0.0, 0.0)
+def test_scan_rates_get_exact_intervals() -> None:
+    from llmlab.security.scan.scanner import Attempt, _fmt_rate, rate_of
+
+    def attempts(k: int, n: int) -> list:
+        return [Attempt(probe=f"p{i}", family="f", defence="none", system=None, prompt="", response="", scores={},
+                        success=i < k, secret="") for i in range(n)]
+
+    r = rate_of(attempts(0, 8), ScanConfig())
+    assert r.rate == 0.0 and r.lo == 0.0 and 0.36 < r.hi < 0.38  # 0/8 is not "known to be 0%": up to 37%
+    r = rate_of(attempts(30, 100), ScanConfig())
+    assert 0.2 < r.lo < 0.3 < r.hi < 0.41
+    assert _fmt_rate(rate_of([], ScanConfig())) == "not measured"
 
 
 # ----------------------------------------------------------------------------- RAG with the real MiniLM

@@ -78,7 +78,8 @@ def cmd_attention(a: argparse.Namespace) -> int:
         q = a.query
         rows = lens.top_keys(maps, q, k=a.top, skip_special=a.no_special)
         c.print(f"\n[bold]'{q}' attends most to[/] (mean over every layer and head"
-                + (", special tokens left out" if a.no_special else "") + "):")
+                + (", special tokens left out and the rest renormalised to sum to 1" if a.no_special
+                   else ", special tokens included") + "):")
         for _, t, w in rows:
             c.print(f"  {t:>14s}  {w:.3f}  {'#' * int(round(w * 40))}")
         c.print(f"\n[bold]per head[/] (top {min(3, a.top)} keys):")
@@ -88,18 +89,22 @@ def cmd_attention(a: argparse.Namespace) -> int:
                 c.print(f"  L{layer}.H{h:<2d} " + "  ".join(f"{t}:{w:.2f}" for _, t, w in best))
         if a.key:
             ranked = lens.rank_heads(maps, q, a.key, skip_special=a.no_special)
-            c.print(f"\n[bold]heads where '{q}' attends most to '{a.key}'[/]:")
+            c.print(f"\n[bold]heads where '{q}' attends most to '{a.key}'[/]"
+                    + (" (special tokens left out, renormalised; the pictures show the same):" if a.no_special
+                       else " (special tokens included; the pictures show the same):"))
             for layer, h, w in ranked[: a.top]:
                 c.print(f"  layer {layer} head {h}: {w:.3f}")
             if head is None:
                 head = ranked[0][:2]
-    grid = viz.attention_grid(maps.weights, maps.tokens, out / "attention_grid.png", highlight=head)
+    shown = lens.without_special(maps.weights, maps.special) if a.no_special else maps.weights
+    note = "special tokens left out, rows renormalised" if a.no_special else "special tokens included"
+    grid = viz.attention_grid(shown, maps.tokens, out / "attention_grid.png", highlight=head, title=note)
     c.print(f"\nwrote {grid}")
     if head is not None:
         layer, h = head
         qpos = lens.word_positions(maps, a.query)[-1] if a.query else None
-        big = viz.attention_map(maps.weights[layer, h], maps.tokens, out / f"attention_L{layer}_H{h}.png",
-                                title=f"layer {layer}, head {h}", mark_query=qpos)
+        big = viz.attention_map(shown[layer, h], maps.tokens, out / f"attention_L{layer}_H{h}.png",
+                                title=f"layer {layer}, head {h} ({note})", mark_query=qpos)
         c.print(f"wrote {big}")
     if maps.cross is not None:
         cross = viz.attention_grid(maps.cross, maps.target_tokens, out / "cross_attention_grid.png",

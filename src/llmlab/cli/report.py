@@ -40,5 +40,11 @@ def cmd_report(a: argparse.Namespace) -> int:
             c.print(f"    {it['summary']}", markup=False)
             c.print(f"    {it['html']}")
     if a.open:
-        webbrowser.open(Path(items[0]["html"]).resolve().as_uri())
+        page = Path(items[0]["html"]).resolve()
+        try:
+            opened = webbrowser.open(page.as_uri())
+        except webbrowser.Error:
+            opened = False
+        if not opened:
+            console(stderr=True).print(f"no web browser found to open it; open {page} in one yourself", markup=False)
     return 0

@@ -69,9 +69,13 @@ def cmd_scan(a: argparse.Namespace) -> int:
     write_scan_report(result, out, model=target.path if isinstance(target, LlmlabChatTarget) else None)
     t = Table("family", "attempts", *defences)
     families = [f for f in result.rates["none"] if f != "overall"] + ["overall"]
+    # a family name is never cut to "payload_spl…" in an 80-column terminal: the rate columns wrap instead
+    t.columns[0].no_wrap, t.columns[0].min_width = True, max(len(f) for f in families)
+    for col in t.columns[1:]:
+        col.overflow = "fold"  # wrap a cell rather than cut it
     for f in families:
         t.add_row(f, str(result.rates["none"][f].n),
-                  *(f"{r.rate:.0%} [{r.lo:.0%},{r.hi:.0%}]" if r.n else "n/a"
+                  *(f"{r.rate:.0%} [{r.lo:.0%}-{r.hi:.0%}]" if r.n else "not measured"
                     for r in (result.rates[d][f] for d in defences)))
     c.print(t)
     if result.benign:

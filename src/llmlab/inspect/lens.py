@@ -4,6 +4,7 @@ a query attends to. Works for GPT, BERT (e.g. the real MiniLM) and seq2seq model
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,14 @@ def word_positions(maps: AttentionMaps, word: str) -> list[int]:
 def query_rows(maps: AttentionMaps, query: str) -> torch.Tensor:
     """(L, H, T): attention from the query word to every key, averaged over the word's tokens."""
     return maps.weights[:, :, word_positions(maps, query), :].mean(2)
+
+
+def without_special(weights: torch.Tensor, special: Sequence[bool]) -> torch.Tensor:
+    """Attention weights (..., T_q, T_k) with the special-token keys ([CLS], [SEP] ...) set to 0 and each
+    query's row renormalised to sum to 1: what `--no-special` figures are computed on."""
+    keep = torch.tensor([not s for s in special], dtype=weights.dtype)
+    w = weights * keep
+    return w / w.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
 def top_keys(maps: AttentionMaps, query: str, k: int = 5, skip_special: bool = False,
