@@ -3,8 +3,8 @@
 The names most callers need are importable from here: `from llmlab.train import resolve_config, train`."""
 
 from llmlab.train.config import DEFAULT_PRESET, PRESETS, RunConfig, TrainConfig, resolve_config, valid_keys
-from llmlab.train.loop import TrainResult, load_run_for_resume, train
-from llmlab.train.objective import Objective
+from llmlab.train.loop import TrainingInterrupted, TrainResult, load_run_for_resume, train
+from llmlab.train.objective import LoopHooks, Objective
 
-__all__ = ["DEFAULT_PRESET", "PRESETS", "Objective", "RunConfig", "TrainConfig", "TrainResult", "load_run_for_resume",
-           "resolve_config", "train", "valid_keys"]
+__all__ = ["DEFAULT_PRESET", "PRESETS", "LoopHooks", "Objective", "RunConfig", "TrainConfig", "TrainResult",
+           "TrainingInterrupted", "load_run_for_resume", "resolve_config", "train", "valid_keys"]
