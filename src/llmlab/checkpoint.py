@@ -13,8 +13,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
-from .errors import ConfigError, ModelLoadError
+from llmlab.config import ModelConfig
+from llmlab.errors import ConfigError, ModelLoadError
+from llmlab.models import build_model
+from llmlab.tokenizers import load_tokenizer
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -26,12 +28,19 @@ MANIFEST_FILE = "manifest.json"
 # ----------------------------------------------------------------------------- atomic writes
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write data to path via a temporary file, fsync and rename: readers see the old or the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode (0644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -57,6 +66,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -126,6 +136,50 @@ def write_manifest(folder: str | Path) -> None:
     atomic_write_json(folder / MANIFEST_FILE, {"sha256": files})
 
 
+# (path, size, mtime, ctime, inode) -> digest, for files already hashed in this process: a file changed in place
+# gets a new ctime, which no user can set, so a cached entry never hides a change
+_VERIFIED: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def _file_key(p: Path) -> tuple[str, int, int, int, int]:
+    st = p.stat()
+    return (str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def check_manifest(folder: str | Path, cache: bool = True) -> int:
+    """Check the files listed in a run folder's manifest.json against their SHA-256; return how many were
+    checked (0 when the folder has no manifest). Raises ModelLoadError naming the first file that differs or is
+    missing. With cache=True a file already checked in this process, and not changed since, is not re-read."""
+    folder = Path(folder)
+    mpath = folder / MANIFEST_FILE
+    if not mpath.is_file():
+        return 0
+    try:
+        listed = json.loads(mpath.read_text())["sha256"]
+        if not isinstance(listed, dict):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise ModelLoadError(f"{mpath} is malformed (no 'sha256' map); restore it or rewrite it by re-saving the "
+                             "run") from None
+    for name, digest in listed.items():
+        p = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ModelLoadError(f"{mpath} lists {name!r}, a path outside the run folder; the manifest was forged")
+        if not p.is_file():
+            raise ModelLoadError(f"{p} is listed in {mpath} but missing; the run folder is incomplete — restore "
+                                 "the file from a checkpoint or backup")
+        key = _file_key(p)
+        actual = _VERIFIED.get(key) if cache else None
+        if actual is None:
+            actual = sha256_file(p)
+        if actual != digest:
+            raise ModelLoadError(f"{p} does not match its SHA-256 in {mpath} (expected {digest[:12]}…, got "
+                                 f"{actual[:12]}…): the file was changed or corrupted after the run saved it — "
+                                 "restore it, or re-save the run if you changed it on purpose")
+        _VERIFIED[key] = actual
+    return len(listed)
+
+
 def is_run_folder(folder: str | Path) -> bool:
     p = Path(folder) / CONFIG_FILE
     if not p.is_file():
@@ -157,11 +211,10 @@ def read_run_config(folder: str | Path) -> dict[str, Any]:
 
 def load_run_model(folder: str | Path) -> torch.nn.Module:
     """The model of an llmlab run folder, in eval mode, with .tokenizer set when the run has one."""
-    from .models import build_model
-    from .tokenizers import load_tokenizer
 
     folder = Path(folder)
     cfg = read_run_config(folder)
+    check_manifest(folder)
     try:
         mcfg = ModelConfig.from_dict(cfg["model"])
     except KeyError:

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from llmlab.cli import families, models, privacy, report, scan, serve
+from llmlab.cli import families, models, privacy, report, scan, serve, supply_chain
 from llmlab.cli import train as train_cli
 from llmlab.cli.common import Verb
 from llmlab.errors import LlmlabError
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     for v in VERBS:
         v.add_args(sub.add_parser(v.name, help=v.help, description=v.help))
+    supply_chain.register(sub)  # audit, supply-chain (lab, keygen), sign, verify, convert
     return p
 
 
@@ -42,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return BY_NAME[a.verb].run(a)
+        if a.verb in BY_NAME:
+            return BY_NAME[a.verb].run(a)
+        return a.func(a)  # the verbs a module adds with register() (set_defaults(func=...))
     except LlmlabError as e:
         print(f"llmlab {a.verb}: error: {e}", file=sys.stderr)
         return 2
