@@ -21,8 +21,8 @@ from llmlab.security.supply_chain import (
     sign_folder,
     verify_folder,
 )
-from llmlab.security.supply_chain.signing import forge_manifest_signature
 from llmlab.security.supply_chain.tamper import edit_signature, flip_byte, rename_tensor
+from llmlab.signing import forge_manifest_signature
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +167,24 @@ def test_a_single_model_file_is_signed_whole(tmp_path: Path, keys) -> None:
     flip_byte(f)
     with pytest.raises(VerificationError, match="model.gguf differs from what was signed"):
         verify_folder(f, keys[0].public_key)
+
+
+def test_load_refuses_a_folder_whose_signature_does_not_verify(tmp_path: Path) -> None:
+    import llmlab
+    from llmlab.checkpoint import save_run_model
+    from llmlab.config import ModelConfig
+    from llmlab.models import build_model
+    from llmlab.signing import VerificationError, generate_keypair, sign_folder
+
+    run = tmp_path / "run"
+    save_run_model(run, build_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11)))
+    keys = generate_keypair(tmp_path / "k.pem")
+    pub = keys.public_key
+    sign_folder(run, keys.private_key)
+    assert llmlab.load(run, verify=pub).config.n_embd == 16  # signed and unchanged: loads
+    w = run / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match="model.safetensors"):
+        llmlab.load(run, verify=pub)

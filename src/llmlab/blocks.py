@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, MultiHeadAttention, RotaryEmbedding
-from .config import ModelConfig
+from llmlab.attention import KVCache, MultiHeadAttention, RotaryEmbedding
+from llmlab.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -68,10 +68,10 @@ class Block(nn.Module):
         super().__init__()
         self.prenorm = cfg.prenorm
         self.norm1 = make_norm(cfg)
-        self.attn = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout, rotary)
+        self.attn = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout, rotary, cfg.kv_heads)
         if cross:
             self.norm_cross = make_norm(cfg)
-            self.cross = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout)
+            self.cross = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout, n_kv_head=cfg.kv_heads)
         self.has_cross = cross
         self.norm2 = make_norm(cfg)
         self.mlp = FeedForward(cfg)
@@ -92,13 +92,14 @@ class Block(nn.Module):
         """x (B, T, C) -> (B, T, C). When `weights` is a dict, attention maps are appended to
         weights["self"] (and weights["cross"]), each (B, nh, T, Tk)."""
         need = weights is not None
+        drop = self.drop if self.training and self.drop.p > 0 else (lambda y: y)  # no module call at inference
 
         def sub(norm: nn.Module, fn) -> torch.Tensor:  # one residual branch
             nonlocal x
             if self.prenorm:
-                x = x + self.drop(fn(norm(x)))
+                x = x + drop(fn(norm(x)))
             else:
-                x = norm(x + self.drop(fn(x)))
+                x = norm(x + drop(fn(x)))
             return x
 
         def self_attn(h: torch.Tensor) -> torch.Tensor:
@@ -123,9 +124,10 @@ class Block(nn.Module):
 
 def sinusoidal_positions(n_pos: int, dim: int) -> torch.Tensor:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)) (Vaswani et al. 2017)."""
-    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]
-    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    pe = torch.zeros(n_pos, dim)
+    cpu = torch.device("cpu")  # a real table even while a model is built on the meta device (models.from_weights)
+    pos = torch.arange(n_pos, dtype=torch.float32, device=cpu)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=cpu) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(n_pos, dim, device=cpu)
     pe[:, 0::2] = torch.sin(pos * div)
     pe[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
     return pe

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from llmlab.errors import TokenizerError
 
@@ -26,6 +26,7 @@ __all__ = [
     "Tokenizer",
     "WordPieceTokenizer",
     "load_tokenizer",
+    "save_hf_tokenizer",
 ]
 
 FORMAT_VERSION = 1
@@ -115,6 +116,7 @@ class Tokenizer:
 
     kind: str = ""
     special_tokens: dict[str, int]
+    chat_template: str | None = None  # a Jinja chat template (from a GGUF or HF folder); see llmlab.chat_template
 
     # ---- what each kind provides -------------------------------------------------------------------
     @property
@@ -218,6 +220,7 @@ class Tokenizer:
             "version": FORMAT_VERSION,
             "special_tokens": {role: self.id_to_token(i) for role, i in self.special_tokens.items()},
             **self._config_extra(),
+            **({"chat_template": self.chat_template} if self.chat_template else {}),
         }
 
     def save(self, folder: str | Path) -> None:
@@ -423,6 +426,29 @@ class CharTokenizer(Tokenizer):
             )
         return cls(vocab, unk=unk, specials=specials)
 
+    def to_hf(self) -> HFTokenizer:
+        """The same tokenizer as a Hugging Face ``tokenizers`` object (one word per character, specials matched
+        whole), for exporting to transformers. Unknown characters: "replace" maps them to <unk>; "error" and
+        "skip" both make the HF tokenizer fail on them."""
+        unk = CHAR_UNK_TOKEN if self.unk == "replace" else None
+        hf = HFTokenizer(models.WordLevel({t: i for i, t in enumerate(self._itos)}, unk_token=unk))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        hf.decoder = decoders.Fuse()
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in self._specials])
+        return hf
+
+    @classmethod
+    def from_hf(cls, hf: HFTokenizer) -> CharTokenizer:
+        """The CharTokenizer that :meth:`to_hf` wrote (a WordLevel tokenizer of single characters)."""
+        vocab = hf.get_vocab(with_added_tokens=True)
+        itos = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        if [vocab[t] for t in itos] != list(range(len(itos))):
+            raise TokenizerError("the WordLevel vocabulary has gaps in its ids; llmlab reads character vocabularies")
+        specials = _hf_special_strings(hf)
+        unk = "replace" if getattr(hf.model, "unk_token", None) == CHAR_UNK_TOKEN and CHAR_UNK_TOKEN in specials \
+            else "error"
+        return cls(itos, unk=unk, specials=specials)
+
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size}, unk={self.unk!r}, specials={self._specials})"
 
@@ -465,10 +491,14 @@ class _HFBackedTokenizer(Tokenizer):
 
     _pass_special = False  # whether add_special_tokens reaches the HF post-processor
 
-    def __init__(self, hf: HFTokenizer, special_tokens: dict[str, str] | None = None) -> None:
+    def __init__(self, hf: HFTokenizer, special_tokens: dict[str, str] | None = None,
+                 add_special_tokens: bool | None = None) -> None:
         """Wrap ``hf``; ``special_tokens`` maps roles to token strings (guessed from its special tokens
-        when None)."""
+        when None); ``add_special_tokens=True`` lets ``encode(..., add_special_tokens=True)`` run the HF
+        post-processor (e.g. a BOS token) for kinds that otherwise ignore it."""
         self._hf = hf
+        if add_special_tokens is not None:
+            self._pass_special = add_special_tokens
         roles = _roles_of(_hf_special_strings(hf)) if special_tokens is None else dict(special_tokens)
         resolved: dict[str, int] = {}
         for role, tok in roles.items():
@@ -549,6 +579,11 @@ class _HFBackedTokenizer(Tokenizer):
     def _save_files(self, folder: Path) -> None:
         self._hf.save(str(folder / "tokenizer.json"))
 
+    def _config_extra(self) -> dict[str, Any]:
+        if self._pass_special != type(self)._pass_special:
+            return {"add_special_tokens": self._pass_special}
+        return {}
+
     @classmethod
     def _load(cls, folder: Path, config: dict[str, Any]) -> Self:
         hf = _hf_from_file(folder / "tokenizer.json")
@@ -558,7 +593,8 @@ class _HFBackedTokenizer(Tokenizer):
                 f"'special_tokens' in {folder / CONFIG_FILE} must map roles to token strings; "
                 "re-save the tokenizer"
             )
-        return cls(hf, specials)
+        add = config.get("add_special_tokens")
+        return cls(hf, specials, add if isinstance(add, bool) else None)
 
 
 class BPETokenizer(_HFBackedTokenizer):
@@ -644,6 +680,104 @@ class BPETokenizer(_HFBackedTokenizer):
         if specials:
             hf.add_special_tokens(specials)
         return cls(hf)
+
+
+    @classmethod
+    def from_vocab(
+        cls,
+        tokens: Sequence[str],
+        merges: Sequence[str],
+        pre_tokenizer: str | None = None,
+        special: Sequence[str] = (),
+        added: Sequence[str] = (),
+        special_tokens: dict[str, str] | None = None,
+        add_bos: bool = False,
+    ) -> BPETokenizer:
+        """A byte-level BPE tokenizer from a vocabulary in id order and its merges ("a b", best first), as a
+        GGUF file stores them (tokenizer.ggml.tokens / .merges). ``pre_tokenizer`` names how text is split
+        before the merges apply, by llama.cpp's name (tokenizer.ggml.pre; see PRE_TOKENIZERS); ``special``
+        tokens (control tokens) and ``added`` ones (user-defined) are matched whole in the text;
+        ``special_tokens`` maps roles to token strings; ``add_bos`` puts the bos token before every text
+        encoded with ``add_special_tokens=True``."""
+        spelling = _bytes_to_unicode()
+        alphabet = set(spelling.values())
+        vocab: dict[str, int] = {}
+        for i, tok in enumerate(tokens):  # a token not in the byte alphabet is stored as text: respell it
+            tok = tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8"))
+            vocab.setdefault(tok, i)
+        pairs = []
+        for m in merges:
+            a, sep, b = m.partition(" ")
+            if not sep or not a or not b:
+                raise TokenizerError(f"BPE merge {m!r} is not two tokens separated by a space; the vocabulary "
+                                     "is corrupt")
+            pairs.append((a, b))
+        try:
+            model = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False)
+        except Exception as e:  # the Rust side raises plain Exception for inconsistent merges
+            raise TokenizerError(f"cannot build the BPE vocabulary ({e}); the merges do not fit the tokens") from e
+        hf = HFTokenizer(model)
+        hf.pre_tokenizer = pre_tokenizer_for(pre_tokenizer)
+        hf.decoder = decoders.ByteLevel()
+        # control tokens outside the byte alphabet are llama.cpp mislabels (as transformers also decides)
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special
+                               if set(t) <= alphabet and t in vocab])
+        hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in added if t in vocab])
+        roles = dict(special_tokens or {})
+        if add_bos:
+            bos = roles.get("bos")
+            if bos is None:
+                raise TokenizerError("add_bos is set but the vocabulary names no bos token")
+            hf.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+        return cls(hf, roles, add_special_tokens=True if add_bos else None)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map: printable bytes stand for themselves, the rest are shifted
+    past U+0100 (so a space is "Ġ", a newline "Ċ")."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    out, n = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+# How text is cut into words before BPE merges apply, by llama.cpp's `tokenizer.ggml.pre` names. The
+# splits are the regular expressions the vocabularies were trained with (llama.cpp's llama-vocab.cpp and the
+# models' own tokenizer.json files).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS: dict[str, str] = {
+    "default": "gpt2", "gpt2": "gpt2", "mpt": "gpt2", "olmo": "gpt2", "jais": "gpt2",
+    "smollm": "digits+gpt2",  # SmolLM: every digit its own word, then GPT-2's split
+    "starcoder": "digits+gpt2", "refact": "digits+gpt2", "command-r": "digits+gpt2", "codeshell": "digits+gpt2",
+    "exaone": "digits+gpt2", "minerva-7b": "digits+gpt2",
+    "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3", "smaug-bpe": "llama3",
+    "falcon3": "llama3", "dbrx": "llama3",
+    "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2",
+}
+
+
+def pre_tokenizer_for(name: str | None) -> pre_tokenizers.PreTokenizer:
+    """The byte-level pre-tokenizer llama.cpp uses for vocabularies marked ``name`` (None = GPT-2's)."""
+    kind = PRE_TOKENIZERS.get(name or "default")
+    if kind is None:
+        raise TokenizerError(f"pre-tokenizer {name!r} is not known to llmlab; known: "
+                             f"{', '.join(sorted(PRE_TOKENIZERS))}")
+    if kind == "gpt2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if kind == "digits+gpt2":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    split = {"llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}[kind]
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 _WP_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -754,6 +888,41 @@ def _hf_folder_roles(folder: Path, hf: HFTokenizer) -> dict[str, str]:
     return roles
 
 
+def _hf_chat_template(folder: Path) -> str | None:
+    """A Hugging Face folder's chat template: chat_template.jinja, or "chat_template" in tokenizer_config.json
+    (a string, or a list of named templates of which "default" is used)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    path = folder / CONFIG_FILE
+    data = _read_json(path, "Hugging Face tokenizer config") if path.is_file() else None
+    template = data.get("chat_template") if isinstance(data, dict) else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def save_hf_tokenizer(tok: Tokenizer, folder: str | Path, model_max_length: int | None = None) -> None:
+    """Write ``tok`` in the Hugging Face layout (tokenizer.json, tokenizer_config.json with the special tokens
+    and chat template, special_tokens_map.json), which ``transformers.AutoTokenizer`` and llmlab's
+    load_tokenizer both read."""
+    path = _prepare_folder(folder)
+    hf = tok.to_hf() if isinstance(tok, CharTokenizer) else tok.hf_tokenizer  # type: ignore[attr-defined]
+    specials = {f"{role}_token": tok.id_to_token(i) for role, i in tok.special_tokens.items()}
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
+                              "clean_up_tokenization_spaces": False}
+    if model_max_length:
+        config["model_max_length"] = model_max_length
+    if tok.chat_template:
+        config["chat_template"] = tok.chat_template
+    try:
+        hf.save(str(path / "tokenizer.json"))
+        _write_json(path / CONFIG_FILE, config)
+        _write_json(path / "special_tokens_map.json", specials)
+    except OSError as e:
+        raise TokenizerError(f"cannot write tokenizer to {path}: {e.strerror or e}; choose a writable folder") from e
+
+
 def _load_hf_folder(folder: Path) -> Tokenizer:
     """A tokenizer from a Hugging Face model folder (tokenizer.json, vocab.txt or vocab.json + merges.txt)."""
     if (folder / "tokenizer.json").is_file():
@@ -762,12 +931,20 @@ def _load_hf_folder(folder: Path) -> Tokenizer:
         if model_type == "WordPiece":
             if hf.post_processor is None:
                 WordPieceTokenizer._set_template(hf, folder / "tokenizer.json")
-            return WordPieceTokenizer(hf, _hf_folder_roles(folder, hf))
+            tok = WordPieceTokenizer(hf, _hf_folder_roles(folder, hf))
+            tok.chat_template = _hf_chat_template(folder)
+            return tok
         if model_type == "BPE":
-            return BPETokenizer(hf, _hf_folder_roles(folder, hf))
-        raise TokenizerError(
-            f"{folder / 'tokenizer.json'} holds a {model_type} tokenizer; llmlab reads only WordPiece and BPE"
-        )
+            tok = BPETokenizer(hf, _hf_folder_roles(folder, hf))
+        elif model_type == "WordLevel":  # a character vocabulary exported by llmlab (CharTokenizer.to_hf)
+            tok = CharTokenizer.from_hf(hf)
+        else:
+            raise TokenizerError(
+                f"{folder / 'tokenizer.json'} holds a {model_type} tokenizer; llmlab reads WordPiece, BPE and "
+                "character (WordLevel) vocabularies"
+            )
+        tok.chat_template = _hf_chat_template(folder)
+        return tok
     if (folder / "vocab.txt").is_file():
         lowercase = True
         cfg_path = folder / CONFIG_FILE
@@ -818,4 +995,9 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
             f"{cfg_path} has format version {version!r} but this llmlab reads version {FORMAT_VERSION}; "
             "re-save the tokenizer with this llmlab or upgrade llmlab"
         )
-    return cls._load(path, config)
+    tok = cls._load(path, config)
+    template = config.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"'chat_template' in {cfg_path} must be a string; re-save the tokenizer")
+    tok.chat_template = template
+    return tok

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from llmlab.data import load_corpus
 from llmlab.errors import LlmlabError
 from llmlab.evaluate import perplexity
 from llmlab.generate.causal import GenerationConfig, generate_text
+from llmlab.generate.chat import generate_from_ids, prompt_ids
 from llmlab.generate.seq2seq import generate_seq2seq, greedy_target
 from llmlab.inspect import lens, viz
 from llmlab.inspect.lens import cross_attention_rows
@@ -166,7 +168,9 @@ def cmd_info(a: argparse.Namespace) -> int:
     emb = sum(p.numel() for n, p in model.named_parameters() if "emb" in n or n.startswith(("wte", "wpe")))
     c.print(f"[bold]{a.model}[/]: {cfg.arch}  layers={cfg.n_layer}"
             + (f"+{cfg.n_dec_layer} decoder" if cfg.arch == "seq2seq" else "")
-            + f"  heads={cfg.n_head}  width={cfg.n_embd}  ffn={cfg.inner}  vocab={cfg.vocab_size}  "
+            + f"  heads={cfg.n_head}"
+            + (f" (kv {cfg.n_kv_head})" if getattr(cfg, "n_kv_head", 0) and cfg.n_kv_head != cfg.n_head else "")
+            + f"  width={cfg.n_embd}  ffn={cfg.inner}  vocab={cfg.vocab_size}  "
               f"context={cfg.block_size}")
     c.print(f"positions={cfg.position}  norm={cfg.norm} ({'pre' if cfg.prenorm else 'post'}-LN)  "
             f"activation={cfg.activation}  tied={cfg.tie_embeddings}  bias={cfg.bias}")
@@ -203,14 +207,22 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="an llmlab run folder or a Hugging Face GPT-2 folder")
+    p.add_argument("run", help="an llmlab run folder, a Hugging Face GPT-2/Llama folder, a .gguf file or smollm2")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several (batched)")
+    p.add_argument("--chat", action="append", metavar="MESSAGE",
+                   help="a user message, sent through the model's own chat template (e.g. smollm2); repeat for "
+                        "several conversations (batched)")
+    p.add_argument("--system", help="with --chat: the system prompt of every conversation")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="subtract this from the logit of every "
+                   "token already generated (OpenAI's presence_penalty)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtract this times a token's count so "
+                   "far (OpenAI's frequency_penalty)")
     p.add_argument("--stop", action="append", default=[], help="stop before this string; repeatable")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
@@ -229,10 +241,17 @@ def cmd_generate(a: argparse.Namespace) -> int:
         return cli_generate(model, a)
     if a.beams != 1:
         raise LlmlabError("--beams is for encoder-decoder (seq2seq) runs; sample or use --greedy with this model")
-    prompts = a.prompt or ["\n"]
     cfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=0.0 if a.greedy else a.temperature,
                            top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+                           presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
                            stop=tuple(a.stop), seed=a.seed, use_cache=not a.no_cache)
+    if a.chat:
+        if a.prompt:
+            raise LlmlabError("give either --prompt (raw text) or --chat (messages through the chat template)")
+        return _chat(model, a, cfg)
+    if a.system:
+        raise LlmlabError("--system goes with --chat; with --prompt write the system text into the prompt")
+    prompts = a.prompt or ["\n"]
     err = console(stderr=True)
 
     def warn(msg: str) -> None:
@@ -255,6 +274,38 @@ def cmd_generate(a: argparse.Namespace) -> int:
     else:
         for p, o in zip(prompts, outs):
             print(f"--- {p!r}\n{p}{o}")
+    return 0
+
+
+def _chat(model: torch.nn.Module, a: argparse.Namespace, cfg: GenerationConfig) -> int:
+    """`llmlab generate MODEL --chat ...`: each --chat is one conversation (an optional system prompt, then
+    the user's message), rendered by the model's own template; one conversation streams."""
+    if any(not m.strip() for m in a.chat):
+        raise LlmlabError("a --chat message is empty; give the user's message")
+    convs = [([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": m}]
+             for m in a.chat]
+    block = model.config.block_size
+    prompts, stop = [], ()
+    for conv in convs:
+        ids, stop = prompt_ids(model, conv)
+        prompts.append(ids[-(block - 1):])
+    if stop:
+        cfg = dataclasses.replace(cfg, stop=tuple(cfg.stop) + tuple(stop))
+    stream = len(prompts) == 1 and not a.json
+
+    def on_text(i: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    res = generate_from_ids(model, prompts, cfg, on_text=on_text if stream else None)
+    if stream:
+        sys.stdout.write("\n")
+    elif a.json:
+        print(json.dumps([{"message": m, "reply": r.text, "finish_reason": r.finish_reason}
+                          for m, r in zip(a.chat, res)]))
+    else:
+        for m, r in zip(a.chat, res):
+            print(f"--- {m!r}\n{r.text}")
     return 0
 
 

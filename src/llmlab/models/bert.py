@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import padding_mask
-from ..blocks import Block, activate, make_norm
-from ..config import ModelConfig
-from .gpt import init_weights
+from llmlab.attention import padding_mask
+from llmlab.blocks import Block, activate, make_norm
+from llmlab.config import ModelConfig
+from llmlab.models.gpt import init_weights
 
 
 class Bert(nn.Module):
@@ -34,9 +34,18 @@ class Bert(nn.Module):
         self.pooler = nn.Linear(C, C) if cfg.pooler else None
         self.classifier = nn.Linear(C, cfg.n_classes) if cfg.n_classes else None
         init_weights(self, cfg.n_layer)
-        if cfg.mlm_head and cfg.tie_embeddings:
-            self.mlm_decoder.weight = self.word_embeddings.weight
+        self.tie_weights()
         self.tokenizer = None
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the masked-LM decoder when the config ties them."""
+        if self.config.mlm_head and self.config.tie_embeddings:
+            self.mlm_decoder.weight = self.word_embeddings.weight
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        """The token embedding table (V, C) — the same attribute name in all three families."""
+        return self.word_embeddings
 
     def forward(
         self,
@@ -84,8 +93,12 @@ class Bert(nn.Module):
 
     def classify(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits (B, n_classes): the tanh pooler over [CLS] when present, else mean pooling."""
+        return self.class_head(self(idx, attention_mask), attention_mask)
+
+    def class_head(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits (B, n_classes) of hidden states h (B, T, C) — classify() without the encoder, for
+        callers that run the encoder through a wrapper (DDP, torch.compile)."""
         if self.classifier is None:
             raise ValueError("this encoder has no classification head (n_classes=0)")
-        h = self(idx, attention_mask)
         pooled = torch.tanh(self.pooler(h[:, 0])) if self.pooler is not None else self.pool(h, attention_mask)
         return self.classifier(self.drop(pooled))

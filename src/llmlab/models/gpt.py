@@ -1,4 +1,7 @@
-"""Decoder-only GPT: token (+ position) embeddings, a stack of causal blocks, a language-model head."""
+"""Decoder-only GPT: token (+ position) embeddings, a stack of causal blocks, a language-model head.
+
+The same class is GPT-2 (learned positions, LayerNorm, GELU, biases) and Llama (rotary positions, RMSNorm,
+SwiGLU, grouped-query attention, no biases): see config.gpt2_config and config.llama_config."""
 
 from __future__ import annotations
 
@@ -7,9 +10,9 @@ import math
 import torch
 import torch.nn as nn
 
-from ..attention import KVCache, RotaryEmbedding
-from ..blocks import Block, make_norm
-from ..config import ModelConfig
+from llmlab.attention import KVCache, RotaryEmbedding
+from llmlab.blocks import Block, make_norm, sinusoidal_positions
+from llmlab.config import ModelConfig
 
 
 def init_weights(model: nn.Module, n_layer: int) -> None:
@@ -40,20 +43,38 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        # positions (config.positions_for): learned vectors, fixed sinusoids (both added to the tokens), or RoPE
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.position == "rope" else None
+        if cfg.position == "sinusoidal":
+            self.register_buffer("pe", sinusoidal_positions(cfg.block_size, cfg.n_embd), persistent=False)
+        else:
+            self.pe = None
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta, cfg.rope_layout) \
+            if cfg.position == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg, rotary=rotary) for _ in range(cfg.n_layer))
         self.ln_f = make_norm(cfg) if cfg.final_norm else nn.Identity()
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         init_weights(self, cfg.n_layer)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+        self.tie_weights()
         self.tokenizer = None  # set by llmlab.load
 
+    def tie_weights(self) -> None:
+        """Share the token embedding with the output head when the config ties them (GPT-2, SmolLM2)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
     def new_caches(self) -> list[KVCache]:
-        """Empty per-layer KV caches for incremental decoding."""
-        return [KVCache() for _ in self.h]
+        """Empty per-layer KV caches for incremental decoding (float32 for a bf16/fp16 model on a CPU, where
+        attention is computed in float32: the cache is then not converted again at every step)."""
+        w = self.wte.weight
+        low = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
+        return [KVCache(dtype=torch.float32 if low else None) for _ in self.h]
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        """The token embedding table (V, C) — the same attribute name in all three families."""
+        return self.wte
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T, C) of ids — what `inputs_embeds` replaces for gradient-based attacks."""
@@ -68,8 +89,11 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
         weights: dict[str, list[torch.Tensor]] | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, V) for token ids (B, T) or input embeddings (B, T, C).
+        """Logits (B, T, V) for token ids (B, T) or input embeddings (B, T, C); with last_only, of the last
+        position only (B, 1, V) — all that generation needs, and for a long prompt and a large vocabulary
+        the output head is a good part of the work (SmolLM2: a fifth of a 512-token prefill).
 
         attention_mask (B, T_past + T): 1 = real token, 0 = padding (left padding for batched
         generation); positions then count real tokens only. caches: from new_caches(), extended in
@@ -87,9 +111,14 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens is longer than the context ({self.config.block_size})")
         if self.wpe is not None:
             x = x + self.wpe(position_ids)
-        x = self.drop(x)
+        elif self.pe is not None:
+            x = x + self.pe[position_ids].to(x.dtype)
+        if self.training and self.drop.p > 0:
+            x = self.drop(x)
         mask = padding_attention_mask(attention_mask, T) if attention_mask is not None else None
         for i, block in enumerate(self.h):
             x = block(x, mask=mask, is_causal=True, positions=position_ids,
                       cache=caches[i] if caches else None, weights=weights)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.ln_f(x))

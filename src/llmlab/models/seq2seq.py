@@ -8,10 +8,10 @@ import math
 import torch
 import torch.nn as nn
 
-from ..attention import KVCache, padding_mask
-from ..blocks import Block, make_norm, sinusoidal_positions
-from ..config import ModelConfig
-from .gpt import init_weights, padding_attention_mask
+from llmlab.attention import KVCache, padding_mask
+from llmlab.blocks import Block, make_norm, sinusoidal_positions
+from llmlab.config import ModelConfig
+from llmlab.models.gpt import init_weights, padding_attention_mask
 
 
 class Seq2Seq(nn.Module):
@@ -24,7 +24,7 @@ class Seq2Seq(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, C)  # shared by source and target
         if cfg.position == "learned":
             self.pos_emb = nn.Embedding(cfg.block_size, C)
-        else:
+        else:  # sinusoidal; config.positions_for("seq2seq") refuses anything else
             self.pos_emb = None
             self.register_buffer("pe", sinusoidal_positions(cfg.block_size, C), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
@@ -35,9 +35,18 @@ class Seq2Seq(nn.Module):
         self.dec_norm = make_norm(cfg) if cfg.final_norm else nn.Identity()
         self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
         init_weights(self, cfg.n_layer + cfg.n_dec_layer)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+        self.tie_weights()
         self.tokenizer = None
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the output head when the config ties them."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        """The token embedding table (V, C) — the same attribute name in all three families."""
+        return self.tok_emb
 
     def embed(self, idx: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Token embeddings (scaled by sqrt(C) when configured) plus positions offset..offset+T."""

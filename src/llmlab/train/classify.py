@@ -93,11 +93,7 @@ def split_examples(labels: Sequence[str], val_fraction: float = 0.2, seed: int =
 def class_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Class logits (B, K) of an encoder with a classification head: its forward (through any DDP wrapper),
     then the head over the mean-pooled (or [CLS]-pooled) hidden states."""
-    raw = unwrap(model)
-    h = model(ids, mask)  # (B, T, C)
-    pooled = torch.tanh(raw.pooler(h[:, 0])) if raw.pooler is not None else raw.pool(h, mask)  # (B, C)
-    return raw.classifier(raw.drop(pooled))
-
+    return unwrap(model).class_head(model(ids, mask), mask)  # the encoder through the wrapper, then the head
 
 
 def encode_texts(tok: Any, texts: Sequence[str], max_len: int) -> list[list[int]]:

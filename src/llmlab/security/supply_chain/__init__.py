@@ -29,7 +29,7 @@ from llmlab.security.supply_chain.common import (
 )
 from llmlab.security.supply_chain.convert import ConvertResult, convert_to_safetensors
 from llmlab.security.supply_chain.lab import Cell, LabConfig, LabResult, run_lab
-from llmlab.security.supply_chain.signing import (
+from llmlab.signing import (
     KeyPair,
     SignResult,
     VerifyResult,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmlab.errors import LlmlabError, ModelLoadError
+from llmlab.errors import LlmlabError
+from llmlab.signing import SigningError, VerificationError  # noqa: F401 - re-exported beside the others
 
 SEVERITIES = ("error", "warning", "info")  # error and warning make an audit "findings"; info is context
 
@@ -13,12 +14,8 @@ class AuditError(LlmlabError):
     """The audit could not run: a missing or unreadable path, a folder without model files, a corrupt archive."""
 
 
-class SigningError(LlmlabError):
-    """A key or a folder that cannot be signed (missing, malformed, unsupported curve, existing key file)."""
 
 
-class VerificationError(ModelLoadError):
-    """A folder that does not match its signature, or a signature that does not verify with the given key."""
 
 
 class ConvertError(LlmlabError):

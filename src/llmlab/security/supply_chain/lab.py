@@ -50,7 +50,8 @@ GPT2_CONFIG = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "v
 MISS_NOTES: dict[tuple[str, str], str] = {
     ("memo_copy", "picklescan"): "picklescan records, for each BINPUT, the argument of the opcode before it (here "
         "BINGET's index 0), not the string on the stack; the STACK_GLOBAL then resolves to the global '0.1', which "
-        "is on no list. Unknown globals are only 'suspicious', and those do not count without --strict.",
+        "is on no list. Unknown globals are only 'suspicious', and those do not count outside picklescan's "
+        "strict mode.",
     ("memo_copy", "modelscan"): "modelscan's copy of the same memo tracker stores the integer and then crashes on it "
         "(TypeError); the scan ends with an error and zero issues, so a gate that reads the issue count lets it "
         "through (protectai/modelscan#338, PR 348).",
@@ -61,13 +62,13 @@ MISS_NOTES: dict[tuple[str, str], str] = {
         "and the memo tracker records opcode arguments rather than values.",
     ("importlib_import_module", "picklescan"): "importlib.import_module, builtins.vars and operator.getitem are each "
         "innocent-looking; 'exec' only appears as a string argument. picklescan rates the three 'suspicious', which "
-        "does not count without --strict.",
+        "does not count outside picklescan's strict mode.",
     ("importlib_import_module", "modelscan"): "modelscan's denylist has builtins.getattr and operator.attrgetter but "
         "neither vars, operator.getitem nor importlib.",
     ("pkgutil_resolve_name", "modelscan"): "pkgutil.resolve_name is not on modelscan's default denylist; picklescan "
         "added it after an advisory.",
     ("attribute_chain", "picklescan"): "the global is pathlib's attribute io.open: picklescan matches the module "
-        "name, pathlib, which is on neither of its lists; only --strict would flag it.",
+        "name, pathlib, which is on neither of its lists; only picklescan's strict mode would flag it.",
     ("attribute_chain", "modelscan"): "modelscan matches the module name against its denylist; pathlib is not on it.",
     ("nested_pickle", "picklescan"): "the inner pickle is one BINBYTES constant; picklescan does not look inside byte "
         "strings, and numpy.load and io.BytesIO are not denylisted (its source lists numpy.load as a TODO).",

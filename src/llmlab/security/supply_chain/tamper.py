@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.errors import ModelLoadError
-from llmlab.security.supply_chain.signing import (
+from llmlab.signing import (
     SIGNATURE_FILE,
     forge_manifest_signature,
     generate_keypair,

@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from llmlab.security.supply_chain.common import SigningError, VerificationError
+from llmlab.errors import LlmlabError, ModelLoadError
+
+
+class SigningError(LlmlabError):
+    """A folder could not be signed (no key, unreadable files)."""
+
+
+class VerificationError(ModelLoadError):
+    """A signature does not verify: the message names what changed."""
 
 SIGNATURE_FILE = "model.sig"
 CURVES = ("secp256r1", "secp384r1", "secp521r1")  # what model_signing accepts
