@@ -230,7 +230,9 @@ def test_scan_over_http_against_llmlab_serve(random_chat_run: Path, tmp_path: Pa
         code = main(["scan", spec, "--probes", "direct_injection", "--probes", "indirect", "--defences",
                      "datamark,filter", "--max-tokens", "6", "--bootstrap", "200", "--api-key-env", "SCAN_TEST_KEY",
                      "--out", str(out), "--fail-above", "1.0"])
-        served = app.state.engine.served
+        import httpx
+
+        served = httpx.get(f"{server.url}/health").json()["served"]  # requests the server answered
         # a probe set where "not refused" is success (garak's mitigation-bypass style): the untrained model never
         # refuses, so the rate is 100% and --fail-above fails the build
         mine = tmp_path / "bypass.yaml"

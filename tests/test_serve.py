@@ -140,11 +140,17 @@ def test_invalid_requests_get_openai_4xx_and_server_keeps_serving(server, client
     _assert_error(_post(server, chat, {**ok, "temperature": 7}), 400, "temperature")
     _assert_error(_post(server, chat, {**ok, "top_p": 0}), 400, "top_p")
     _assert_error(_post(server, chat, {**ok, "messages": []}), 400, "messages")
-    _assert_error(_post(server, chat, {**ok, "messages": [{"role": "tool", "content": "x"}]}), 400)
+    _assert_error(_post(server, chat, {**ok, "messages": [{"role": "tool", "content": "x"}]}), 400, "messages")
+    _assert_error(_post(server, chat, {**ok, "tools": [{"type": "function", "function": {"name": "f"}}]}), 400,
+                  "tools")
+    _assert_error(_post(server, chat, {**ok, "response_format": {"type": "json_object"}}), 400, "response_format")
+    _assert_error(_post(server, chat, {**ok, "logit_bias": {"999999": 5}}), 400, "logit_bias")
+    _assert_error(_post(server, chat, {**ok, "frobnicate": 1}), 400, "frobnicate", "unsupported_parameter")
+    assert _post(server, chat, {**ok, "user": "u1", "response_format": {"type": "text"}}).status_code == 200
     _assert_error(_post(server, chat, {"messages": ok["messages"]}), 400, "model", "missing_required_parameter")
     _assert_error(_post(server, chat, {**ok, "model": "gpt-4"}), 404, "model", "model_not_found")
-    _assert_error(_post(server, chat, {**ok, "stop": ["a", "b", "c", "d", "e"]}), 400, "stop")
-    _assert_error(_post(server, chat, {**ok, "n": 3}), 400, "n")
+    _assert_error(_post(server, chat, {**ok, "stop": [f"s{i}" for i in range(17)]}), 400, "stop")
+    _assert_error(_post(server, chat, {**ok, "n": 300}), 400, "n")
     long = {**ok, "messages": [{"role": "user", "content": "x" * 1000}]}
     _assert_error(_post(server, chat, long), 400, "messages", "context_length_exceeded")
     huge = {**ok, "messages": [{"role": "user", "content": "x" * 100_000}]}

@@ -30,8 +30,9 @@ def check_port(host: str, port: int) -> None:
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="an llmlab run folder (a chat model from `llmlab train --task assistant`, or any GPT) "
-                               "or a Hugging Face GPT-2 folder")
+    p.add_argument("run", help="an llmlab run folder (a chat model from `llmlab train --task assistant`, or any GPT), "
+                               "a Hugging Face or GGUF model (e.g. smollm2), or an encoder such as minilm "
+                               "(/v1/embeddings)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--name", help="the model id clients send as `model` (default: the folder name)")
@@ -40,11 +41,16 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-max-tokens", type=int, default=128, help="max_tokens of chat requests that give none")
     p.add_argument("--max-prompt-tokens", type=int, default=0, help="longest prompt in tokens (0 = context - 1)")
     p.add_argument("--max-request-bytes", type=int, default=1_000_000, help="largest request body (1 MB)")
+    p.add_argument("--max-stop", type=int, default=16, help="most stop strings per request (16)")
+    p.add_argument("--max-n", type=int, default=16, help="largest n (choices per request) (16)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="requests decoded together, continuous batching (16; 1 = one at a time)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for generation (0 = torch's default)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-@verb("serve", "serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)", _args)
+@verb("serve", "serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+               "/v1/embeddings)", _args)
 def cmd_serve(a: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -54,7 +60,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if not 0 <= a.port <= 65535:
         raise LlmlabError(f"--port {a.port} is not a port number (0-65535)")
     for flag, v in (("--max-tokens", a.max_tokens), ("--default-max-tokens", a.default_max_tokens),
-                    ("--max-request-bytes", a.max_request_bytes)):
+                    ("--max-request-bytes", a.max_request_bytes), ("--max-stop", a.max_stop), ("--max-n", a.max_n),
+                    ("--max-batch", a.max_batch)):
         if v < 1:
             raise LlmlabError(f"{flag} must be at least 1")
     if a.default_max_tokens > a.max_tokens:
@@ -64,7 +71,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     model = load_for_serving(a.run)
     name = a.name or Path(a.run).resolve().name
     limits = ServeLimits(max_request_bytes=a.max_request_bytes, max_prompt_tokens=a.max_prompt_tokens,
-                         max_tokens=a.max_tokens, default_max_tokens=a.default_max_tokens)
+                         max_tokens=a.max_tokens, default_max_tokens=a.default_max_tokens,
+                         max_stop=a.max_stop, max_n=a.max_n, max_batch=a.max_batch)
     app = create_app(model, name=name, api_key=key, limits=limits, threads=a.threads)
     try:
         loopback = ipaddress.ip_address(a.host).is_loopback

@@ -1,9 +1,10 @@
-"""Text generation from a causal LM: greedy, temperature, top-k, top-p and repetition-penalty sampling,
+"""Text generation from a causal LM: greedy, temperature, top-k, top-p, repetition-penalty, presence- and
+frequency-penalty and logit-bias sampling (one sampler, shared by `llmlab generate` and `llmlab serve`),
 batched prompts with left padding, KV-cache decoding, stop strings, and streaming."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,9 @@ class GenerationConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already in the sequence (CTRL)
+    presence_penalty: float = 0.0  # OpenAI: subtract once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence of the token in the generated text
+    logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit (-100..100) before sampling
     stop: Sequence[str] = field(default_factory=tuple)
     seed: int | None = None
     use_cache: bool = True
@@ -37,19 +41,48 @@ class GenerationConfig:
             raise LlmlabError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise LlmlabError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise LlmlabError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        for t, b in (self.logit_bias or {}).items():
+            if not -100.0 <= b <= 100.0:
+                raise LlmlabError(f"logit_bias of token {t} must be in [-100, 100], got {b}")
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether the sampler needs the counts of the generated tokens (presence/frequency penalties)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: Mapping[int, float] | None) -> torch.Tensor:
+    """logits (B, V) + bias[token] on the listed tokens (OpenAI logit_bias). Ids outside the vocabulary are
+    an LlmlabError (the server checks them first and answers 400)."""
+    if not bias:
+        return logits
+    V = logits.size(-1)
+    ids = torch.tensor([int(t) for t in bias], dtype=torch.long)
+    if bool(((ids < 0) | (ids >= V)).any()):
+        raise LlmlabError(f"logit_bias names a token outside the vocabulary of {V}")
+    vals = torch.tensor([float(b) for b in bias.values()], dtype=logits.dtype)
+    return logits.index_add(1, ids, vals[None].expand(logits.size(0), -1).contiguous())
 
 
 def process_logits(logits: torch.Tensor, seqs: torch.Tensor | None, cfg: GenerationConfig,
-                   mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Apply repetition penalty, temperature, top-k and top-p to next-token logits (B, V). seqs (B, T) are
-    the tokens so far; mask (B, T) marks the real ones (padding is not penalised)."""
-    logits = logits.float()
+                   mask: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply logit bias, repetition penalty, presence/frequency penalties, temperature, top-k and top-p to
+    next-token logits (B, V). seqs (B, T) are the tokens so far; mask (B, T) marks the real ones (padding is
+    not penalised); counts (B, V) how often each token was generated so far (for the OpenAI penalties:
+    logit[j] -= frequency_penalty * c[j] + presence_penalty * (c[j] > 0))."""
+    logits = apply_logit_bias(logits.float(), cfg.logit_bias)
     if cfg.repetition_penalty != 1.0 and seqs is not None and seqs.numel():
         # CTRL (Keskar et al. 2019): divide positive logits of seen tokens by p, multiply negative ones by p
         real = torch.ones_like(seqs, dtype=logits.dtype) if mask is None else mask.to(logits.dtype)
         seen = torch.zeros_like(logits).scatter_add_(1, seqs, real) > 0  # (B, V)
         penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
+    if counts is not None and cfg.counts_tokens:
+        c = counts.to(logits.dtype)
+        logits = logits - cfg.frequency_penalty * c - cfg.presence_penalty * (c > 0).to(logits.dtype)
     if cfg.temperature == 0:
         return logits
     logits = logits / cfg.temperature
@@ -144,6 +177,7 @@ def _generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg:
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     caches = model.new_caches() if cfg.use_cache else None
+    counts = torch.zeros(B, model.config.vocab_size) if cfg.counts_tokens else None
     seqs, amask = ids, mask
     logits = None
     for step in range(cfg.max_new_tokens):
@@ -155,9 +189,12 @@ def _generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg:
         else:  # full recompute over the last `block` tokens (also once the context is full)
             w_ids, w_mask = seqs[:, -block:], amask[:, -block:]
             logits = model(w_ids, attention_mask=w_mask if bool((w_mask == 0).any()) else None)[:, -1]
-        nxt = pick(process_logits(logits, seqs if cfg.repetition_penalty != 1.0 else None, cfg, amask), cfg, gen)
+        nxt = pick(process_logits(logits, seqs if cfg.repetition_penalty != 1.0 else None, cfg, amask, counts), cfg,
+                   gen)
         active = ~done
         nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))
+        if counts is not None:
+            counts[torch.arange(B), nxt] += active.float()
         for i in range(B):
             if active[i]:
                 out[i].append(int(nxt[i]))

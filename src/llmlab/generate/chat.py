@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -12,12 +13,36 @@ from llmlab.errors import LlmlabError
 from llmlab.generate.causal import GenerationConfig, TextStream, generate_ids
 
 
-def prompt_ids(model: torch.nn.Module, messages: Sequence[Message]) -> tuple[list[int], tuple[str, ...]]:
-    """The prompt ids of a conversation for this model (its chat template, else the plain rendering) and
-    the stop strings that go with it."""
+def own_template(tok: Any) -> str | None:
+    """The model's own (Jinja, Hugging Face style) chat template, if its tokenizer carries one."""
+    t = getattr(tok, "chat_template", None)
+    return t if isinstance(t, str) and t else None
+
+
+def template_supports_tools(tok: Any) -> bool:
+    """Whether the model's chat template renders tool definitions or tool messages (it mentions them)."""
+    t = own_template(tok)
+    return t is not None and ("tool" in t)
+
+
+def prompt_ids(model: torch.nn.Module, messages: Sequence[Mapping[str, Any]],
+               tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[list[int], tuple[str, ...]]:
+    """The prompt ids of a conversation for this model (its own Jinja chat template, else llmlab's chat
+    template, else the plain rendering) and the stop strings that go with it. Tool definitions and tool
+    messages need a template with tool support (LlmlabError otherwise)."""
     tok = model.tokenizer
     if tok is None:
         raise LlmlabError("this model has no tokenizer; use a run folder")
+    needs_tools = bool(tools) or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+    if needs_tools and not template_supports_tools(tok):
+        raise LlmlabError("this model's chat template has no tool support, so tool definitions and 'tool' "
+                          "messages cannot be rendered; send plain system/user/assistant messages")
+    if own_template(tok) is not None:
+        from llmlab.chat_template import encode_chat as encode_own
+
+        kw = {"tools": list(tools)} if tools else {}
+        return encode_own(tok, list(messages), True, **kw), ()
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     if has_chat_template(tok):
         return encode_chat(tok, messages)[0], ()
     ids = tok.encode(render_plain(messages))
