@@ -60,8 +60,15 @@ def figure_png(fig: Any) -> bytes:
 
 def html_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(_td(c) for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _td(c: Any) -> str:
+    """A cell; a float shows 4 significant digits and its full value on hover."""
+    if isinstance(c, float) and not math.isnan(c):
+        return f"<td title='{c!r}'>{html.escape(_fmt(c))}</td>"
+    return f"<td>{html.escape(_fmt(c))}</td>"
 
 
 def md_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -109,7 +116,23 @@ class Section:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;
 font-size:14px}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}code,pre{background:#f6f6f6}
-pre{padding:8px;overflow-x:auto;white-space:pre-wrap}.meta{color:#666;font-size:13px}"""
+pre{padding:8px;overflow-x:auto;white-space:pre-wrap}.meta{color:#666;font-size:13px}
+th{cursor:pointer;user-select:none}th[data-sort=asc]::after{content:" \\25B2"}
+th[data-sort=desc]::after{content:" \\25BC"}
+td[title]{cursor:help}"""
+
+# Sortable tables, written for llmlab (no library, nothing fetched): click a header to sort by that column
+# (numbers numerically, "—" last), click again to reverse; a numeric cell shows its full value on hover.
+SORT_JS = r"""(function(){
+function key(td){var t=td.textContent.trim();var n=parseFloat(t.replace(/[%,]/g,''));
+return (t==='\u2014'||t==='')?null:(isNaN(n)||!/^[-+.\d]/.test(t)?t.toLowerCase():n);}
+document.querySelectorAll('table').forEach(function(tb){var ths=tb.querySelectorAll('thead th');
+ths.forEach(function(th,c){th.addEventListener('click',function(){var body=tb.tBodies[0];
+var dir=th.getAttribute('data-sort')==='asc'?'desc':'asc';ths.forEach(function(o){o.removeAttribute('data-sort');});
+th.setAttribute('data-sort',dir);var rows=Array.from(body.rows);rows.sort(function(a,b){
+var x=key(a.cells[c]),y=key(b.cells[c]);if(x===null)return 1;if(y===null)return -1;
+if(typeof x!==typeof y){x=String(x);y=String(y);}var r=x<y?-1:x>y?1:0;return dir==='asc'?r:-r;});
+rows.forEach(function(r){body.appendChild(r);});});});});})();"""
 
 
 def _header(meta: dict[str, Any]) -> list[str]:
@@ -160,7 +183,7 @@ def write_report(out: str | Path, experiment: str, data: dict[str, Any], section
         if s.raw_html:
             parts.append(s.raw_html)
     parts.append(f"<h2>Configuration</h2><pre>{html.escape(json.dumps(meta['config'], indent=2))}</pre>")
-    parts.append("</body></html>")
+    parts.append(f"<script>{SORT_JS}</script></body></html>")
     atomic_write_bytes(out / "report.html", "\n".join(parts).encode())
     atomic_write_bytes(out / "report.md", "\n".join(md).encode())
     return out
