@@ -1,4 +1,5 @@
-"""Metrics shared by objectives and labs: accuracy, per-class scores, macro-F1, exact match, chrF."""
+"""Metrics shared by objectives and labs: accuracy, per-class scores, macro-F1, exact match, chrF, and
+calibration (reliability bins, ECE, MCE, Brier)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,51 @@ def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     if not references:
         return float("nan")
     return sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(references)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def reliability_bins(confidence: Sequence[float], correct: Sequence[bool | int], n_bins: int = 10
+                     ) -> dict[str, np.ndarray]:
+    """Equal-width confidence bins B_m = ((m-1)/M, m/M] (the first also holds 0), as Guo et al. 2017 and
+    scikit-learn's calibration_curve(strategy="uniform"): per bin the count, the mean confidence and the
+    accuracy (nan for an empty bin), and the bin edges."""
+    p = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0)
+    y = np.asarray(correct, dtype=np.float64)
+    if p.shape != y.shape:
+        raise ValueError(f"{p.size} confidences for {y.size} outcomes")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.searchsorted(edges[1:-1], p, side="left")  # bin m holds (edge_m, edge_m+1]
+    count = np.bincount(idx, minlength=n_bins).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(idx, weights=p, minlength=n_bins) / count
+        acc = np.bincount(idx, weights=y, minlength=n_bins) / count
+    return {"count": count, "confidence": conf, "accuracy": acc, "edges": edges}
+
+
+def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bool | int], n_bins: int = 10
+                               ) -> float:
+    """ECE = sum_m (|B_m| / n) |acc(B_m) - conf(B_m)| over equal-width bins (Guo, Pleiss, Sun, Weinberger
+    2017, "On Calibration of Modern Neural Networks"); nan for no predictions."""
+    b = reliability_bins(confidence, correct, n_bins)
+    n = int(b["count"].sum())
+    if n == 0:
+        return float("nan")
+    full = b["count"] > 0
+    return float((b["count"][full] / n * np.abs(b["accuracy"][full] - b["confidence"][full])).sum())
+
+
+def maximum_calibration_error(confidence: Sequence[float], correct: Sequence[bool | int], n_bins: int = 10
+                              ) -> float:
+    """MCE = max_m |acc(B_m) - conf(B_m)| over the non-empty bins (Guo et al. 2017)."""
+    b = reliability_bins(confidence, correct, n_bins)
+    full = b["count"] > 0
+    return float(np.abs(b["accuracy"][full] - b["confidence"][full]).max()) if full.any() else float("nan")
+
+
+def brier_score(confidence: Sequence[float], correct: Sequence[bool | int]) -> float:
+    """Brier (1950): mean (p - y)^2 of the probability given to being right and the outcome."""
+    p = np.asarray(confidence, dtype=np.float64)
+    y = np.asarray(correct, dtype=np.float64)
+    return float(np.mean((p - y) ** 2)) if p.size else float("nan")

@@ -1,1 +1,1 @@
-"""Labs beside security/: experiments on what a model says (truthfulness), one folder per lab."""
+"""Labs beside security/: what a model says and how it was shaped (truthfulness, bias, ...), one folder per lab."""
