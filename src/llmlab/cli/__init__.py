@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from llmlab.cli import families, models, poison, privacy, report, scan, serve, supply_chain
+from llmlab.cli import bias, families, models, poison, privacy, report, scan, serve, supply_chain, truth, view
 from llmlab.cli import train as train_cli
 from llmlab.cli.common import Verb
 from llmlab.errors import LlmlabError
@@ -16,7 +16,8 @@ from llmlab.errors import LlmlabError
 VERBS: tuple[Verb, ...] = (
     models.cmd_attention, models.cmd_embed, models.cmd_info, models.cmd_export, train_cli.cmd_train,
     models.cmd_generate, models.cmd_perplexity, families.cmd_finetune, families.cmd_classify, families.cmd_dataset,
-    privacy.cmd_privacy, scan.cmd_scan, serve.cmd_serve, report.cmd_report, poison.cmd_poison,
+    privacy.cmd_privacy, scan.cmd_scan, serve.cmd_serve, report.cmd_report, truth.cmd_truth, bias.cmd_bias,
+    view.cmd_view, poison.cmd_poison,
 )
 BY_NAME = {v.name: v for v in VERBS}
 
