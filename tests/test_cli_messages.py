@@ -40,7 +40,7 @@ HELPERS: dict[str, tuple[str, ...]] = {
     "llmlab.cli:build_parser": ("",),  # the top-level parser
     "llmlab.cli.common:_parse_head": ("attention",),
     "llmlab.cli.models:cli_generate": ("generate",),
-    "llmlab.cli.privacy:_sets": ("privacy canary",),
+    "llmlab.cli.common:set_pairs": ("privacy canary", "truth *"),
     "llmlab.cli.privacy:_dp_args": ("privacy canary",),
     "llmlab.cli.privacy:_file_args": ("privacy mia", "privacy extract", "privacy dedup"),
     "llmlab.cli.privacy:_read_docs": ("privacy mia", "privacy extract", "privacy dedup"),

@@ -7,6 +7,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import math
 import os
 import textwrap
@@ -390,3 +391,17 @@ def resume_overrides(cfg: Any, overrides: Mapping[str, Any], allowed: Sequence[s
         raise LlmlabError(f"cannot change {_flags(bad)} when resuming: the checkpoint continues the run's own "
                           f"settings; only {_flags(allowed)} can change")
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **given))
+
+
+def set_pairs(items: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE pairs (values parsed as JSON when they can be, else strings)."""
+    out: dict[str, Any] = {}
+    for it in items:
+        if "=" not in it:
+            raise LlmlabError(f"--set {it!r} is not KEY=VALUE (e.g. --set n_layer=2)")
+        k, v = it.split("=", 1)
+        try:
+            out[k.strip().replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip().replace("-", "_")] = v
+    return out

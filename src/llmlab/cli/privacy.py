@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from llmlab.cli.common import ProgressRenderer, add_config_overrides, config_overrides, console, verb
+from llmlab.cli.common import ProgressRenderer, add_config_overrides, config_overrides, console, set_pairs, verb
 from llmlab.data import load_corpus
 from llmlab.errors import LlmlabError
 from llmlab.progress import message
@@ -60,18 +59,6 @@ def _ints(spec: str, flag: str) -> tuple[int, ...]:
     return vals
 
 
-def _sets(items: list[str]) -> dict[str, Any]:
-    """--set KEY=VALUE pairs (values parsed as JSON when they can be, else strings)."""
-    out: dict[str, Any] = {}
-    for it in items:
-        if "=" not in it:
-            raise LlmlabError(f"--set {it!r} is not KEY=VALUE (e.g. --set n_layer=2)")
-        k, v = it.split("=", 1)
-        try:
-            out[k.strip().replace("-", "_")] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip().replace("-", "_")] = v
-    return out
 
 
 def _file_args(p: argparse.ArgumentParser) -> None:
@@ -171,7 +158,7 @@ def cmd_canary(a: argparse.Namespace) -> int:
                        data=a.data, split=a.split, text_field=a.text_field, encoding_errors=a.encoding_errors,
                        max_chars=a.max_chars, preset=a.preset, estimate=a.estimate, samples=a.samples, beam=a.beam,
                        defence=a.defence, dp=_dp_config(a))
-    cfg.train.update({**({"max_iters": a.max_iters} if a.max_iters else {}), **config_overrides(a), **_sets(a.set)})
+    cfg.train.update({**({"max_iters": a.max_iters} if a.max_iters else {}), **config_overrides(a), **set_pairs(a.set)})
     if a.resume and a.run:
         raise LlmlabError("--resume finishes an experiment and --run measures a finished run; give one of them")
     with ProgressRenderer() as progress:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from llmlab.cli.common import ProgressRenderer, console, verb
+from llmlab.cli.common import ProgressRenderer, console, set_pairs, verb
 from llmlab.errors import LlmlabError
 from llmlab.labs.truth.ask import MODES, AskConfig
 from llmlab.labs.truth.detectors import LABELS
@@ -46,17 +45,6 @@ def _names(spec: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
     return vals
 
 
-def _sets(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for it in items:
-        if "=" not in it:
-            raise LlmlabError(f"--set {it!r} is not KEY=VALUE (e.g. --set n_layer=2)")
-        k, v = it.split("=", 1)
-        try:
-            out[k.strip().replace("-", "_")] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip().replace("-", "_")] = v
-    return out
 
 
 def _world_args(p: argparse.ArgumentParser) -> None:
@@ -166,7 +154,7 @@ def _lab(a: argparse.Namespace) -> int:
     from llmlab.labs.truth.report import lab_summary, write_lab_report
 
     base = LabConfig.quick_config() if a.quick else LabConfig()
-    train = {**base.train, **_sets(a.set)}
+    train = {**base.train, **set_pairs(a.set)}
     if a.max_iters:
         train["max_iters"] = a.max_iters
     cfg = dataclasses.replace(base, world=_world_config(a, base.world), train=train, dedup_mode=a.dedup_mode,
