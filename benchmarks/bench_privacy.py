@@ -59,7 +59,12 @@ def main() -> None:
         rep = json.loads((tmp / "canary" / "report.json").read_text())["results"]
         result["canary_command_s"] = secs
         result["canary_training_s"] = rep["training"]["elapsed"]
-        result["canary_exposures"] = {str(c["repeats"]): round(c["exposure"], 2) for c in rep["canaries"]}
+        by_count: dict[str, list[float]] = {}
+        for c in rep["canaries"]:  # several canaries per count (and the never-inserted controls, count 0)
+            by_count.setdefault(str(c["repeats"]), []).append(round(c["exposure"], 2))
+        result["canary_exposures"] = by_count
+        result["canary_exposure_mean"] = {k: round(sum(v) / len(v), 2) for k, v in by_count.items()}
+        result["canaries"] = len(rep["canaries"])
         fmt, canaries = load_canaries(find_canaries(run))
         wb = WhiteBox.load(run)
         t = time.perf_counter()
@@ -86,8 +91,10 @@ def main() -> None:
     if "canary_command_s" in result:
         rows += [["llmlab privacy canary (defaults), wall", f"{result['canary_command_s']:.0f} s"],
                  ["  of which training", f"{result['canary_training_s']:.0f} s"],
-                 ["  exact exposure over 10^6 PINs (5 canaries)", f"{result['exact_exposure_1e6_s']:.1f} s"],
-                 ["  exposures by repeats", str(result["canary_exposures"])]]
+                 [f"  exact exposure over 10^6 PINs ({result['canaries']} canaries)",
+                  f"{result['exact_exposure_1e6_s']:.1f} s"],
+                 ["  exposure by repeats: mean", str(result["canary_exposure_mean"])],
+                 ["  exposure by repeats: each canary", str(result["canary_exposures"])]]
     rows += [["MIA suite throughput", f"{res.sequences_per_s:.1f} sequences/s "
               f"({result['mia']['sequences']} sequences, {res.seconds:.1f} s)"],
              ["MIA AUCs", str(result["mia"]["auc"])],

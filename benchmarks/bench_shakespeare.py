@@ -191,8 +191,12 @@ def llmlab_worker(pacer: Pacer, preset: str, overrides: dict, budget: float | No
                   "stopped_by": res.stopped_by, "dtype": cfg.train.dtype})
 
 
-SAME = dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250,
-            eval_iters=20, compile=False)
+# nanoGPT's recipe on llmlab's trainer. The preset's wall-time budget is switched off (the identical recipe
+# runs its 2000 steps on a step schedule), and the threads are fixed at torch's default, 2, as the peer runs:
+# taking turns, the other sides' past turns look like competing load to llmlab's thread governor
+# (runtime.ThreadGovernor samples the last 2 s), which would drop to 1 thread and time the wrong thing.
+SAME = dict(batch_size=12, max_iters=2000, max_time=0.0, schedule="iters", lr=1e-3, min_lr=1e-4, warmup_iters=100,
+            lr_decay_iters=2000, eval_interval=250, eval_iters=20, compile=False, threads=2)
 
 
 def main() -> int:

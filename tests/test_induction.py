@@ -54,3 +54,29 @@ def test_induction_heads_form_in_two_layers_not_one(tmp_path) -> None:  # noqa: 
     assert two > 0.5 > 5 * chance
     assert one < 0.3
     assert res["two_layer"]["checkpoints"][-1]["icl"] < res["one_layer"]["checkpoints"][-1]["icl"]
+
+
+def test_train_runs_evaluations_on_every_checkpoint(tmp_path, capsys) -> None:  # noqa: ANN001
+    import json
+
+    from llmlab.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat. " * 200)
+    run = tmp_path / "run"
+    rc = main(["train", "--data", str(corpus), "--out", str(run), "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
+               "--block-size", "32", "--batch-size", "4", "--max-iters", "20", "--checkpoint-every", "10",
+               "--eval-interval", "100", "--num-samples", "0", "--eval-every-checkpoint", "induction,attention_entropy"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    ev = [r for r in rows if r["kind"] == "checkpoint_eval"]
+    assert [r["step"] for r in ev] == [0, 10, 20]  # the step-0 checkpoint, one in the middle, the final one
+    assert all("induction/prefix_matching_L1" in r and "attention_entropy/attention_entropy_L0" in r for r in ev)
+    assert ev[0]["induction/icl_score"] != ev[-1]["induction/icl_score"]  # it tracks the changing model
+    assert (run / "checkpoint_evals.png").stat().st_size > 1000
+    cap = capsys.readouterr()
+    out = " ".join((cap.out + cap.err).split())  # progress goes to stderr; the console wraps long lines
+    assert "checkpoint 10: induction/icl_score" in out
+    assert main(["train", "--data", str(corpus), "--out", str(tmp_path / "r2"), "--max-iters", "2",
+                 "--eval-every-checkpoint", "nope"]) == 2
+    assert not (tmp_path / "r2").exists()

@@ -220,7 +220,7 @@ def _bad_folder(kind: str, root, tiny_gpt2_dir):
         data = (tiny_gpt2_dir / "model.safetensors").read_bytes()
         (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     elif kind == "unsupported_type":
-        (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+        (folder / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 8}))
         save_file({"x": torch.zeros(2)}, str(folder / "model.safetensors"))
     elif kind == "missing_field":
         del gpt2_cfg["n_embd"]
@@ -292,7 +292,8 @@ def test_load_error_messages_say_what_is_wrong(tmp_path, tiny_gpt2_dir):
     assert "not a model folder" in msg("file")
     assert "not valid JSON" in msg("malformed_json")
     assert "truncated or corrupt" in msg("truncated_weights")
-    assert "llama" in msg("unsupported_type")
+    unsupported = msg("unsupported_type")
+    assert "mamba" in unsupported and "Llama" in unsupported  # what it is, and what llmlab loads
     assert "n_embd" in msg("missing_field")
 
 

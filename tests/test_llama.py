@@ -379,3 +379,21 @@ def test_bf16_one_token_steps_use_torch_kernels_and_agree_with_recompute():
     assert torch.backends.mkldnn.enabled  # the setting is restored
     assert caches[0].k.dtype == torch.float32  # attention runs in float32; the cache is kept in it
     assert maxdiff(torch.cat(steps, 1).float(), full) <= 0.05 * full.abs().max().item()
+
+
+def test_cli_export_writes_a_llama_folder_for_a_llama_model(tmp_path, capsys):
+    from llmlab.cli import main
+
+    tok = _tokenizer()
+    cfg = llama_config(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=4, n_kv_head=2, n_embd=32,
+                       n_inner=48)
+    model = randomize_(GPT(cfg)).eval()
+    model.tokenizer = tok
+    src = export(model, tmp_path / "src")
+    assert main(["export", str(src), "--out", str(tmp_path / "out")]) == 0
+    assert "LlamaForCausalLM.from_pretrained" in capsys.readouterr().out
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, tok.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert maxdiff(hf(ids).logits, model(ids)) <= TOL
+    assert main(["export", str(src), "--out", str(tmp_path / "out")]) == 2  # not empty: nothing overwritten

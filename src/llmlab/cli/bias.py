@@ -8,7 +8,7 @@ import argparse
 import time
 from pathlib import Path
 
-from llmlab.cli.common import ProgressRenderer, console, verb
+from llmlab.cli.common import ProgressRenderer, console, name_list, number_list, verb
 from llmlab.errors import LlmlabError
 
 
@@ -16,28 +16,10 @@ def _out(a: argparse.Namespace, kind: str) -> Path:
     return Path(a.out) if a.out else Path("runs") / "bias" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _list(spec: str | None) -> tuple[str, ...]:
-    return tuple(x.strip() for x in (spec or "").split(",") if x.strip())
 
 
-def _floats(spec: str, flag: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(x) for x in spec.split(",") if x.strip())
-    except ValueError:
-        raise LlmlabError(f"{flag} {spec!r} is not a comma-separated list of numbers, e.g. 0.5,0.75,1.0") from None
-    if not vals:
-        raise LlmlabError(f"{flag} is empty")
-    return vals
 
 
-def _ints(spec: str, flag: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(x) for x in spec.split(",") if x.strip())
-    except ValueError:
-        raise LlmlabError(f"{flag} {spec!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
-    if not vals:
-        raise LlmlabError(f"{flag} is empty")
-    return vals
 
 
 def _load(a: argparse.Namespace):  # noqa: ANN202
@@ -83,7 +65,7 @@ def _assoc(a: argparse.Namespace, default_mode: str) -> int:
 
     t0 = time.perf_counter()
     mode = a.mode or default_mode
-    cfg = assoc.AssocConfig(tests=_list(a.tests), wordsets=a.wordsets or "",
+    cfg = assoc.AssocConfig(tests=name_list(a.tests), wordsets=a.wordsets or "",
                             modes=("weat", "seat") if mode == "both" else (mode,), exact_limit=a.exact_limit,
                             permutations=a.permutations, n_boot=a.bootstrap, seed=a.seed)
     out = _out(a, a.bias_cmd)
@@ -126,7 +108,7 @@ def _crows(a: argparse.Namespace) -> int:
     from llmlab.labs.bias.report import write_crows_report
 
     t0 = time.perf_counter()
-    cfg = crows.CrowsConfig(data=a.data, scoring=a.scoring, limit=a.limit, bias_types=_list(a.bias_types),
+    cfg = crows.CrowsConfig(data=a.data, scoring=a.scoring, limit=a.limit, bias_types=name_list(a.bias_types),
                             batch_tokens=a.batch_tokens, batched=not a.one_at_a_time, seed=a.seed)
     crows.read_pairs(cfg.data, cfg.limit, cfg.bias_types)  # a bad file fails before the model loads
     out = _out(a, "crows-pairs")
@@ -252,13 +234,13 @@ def _dose(a: argparse.Namespace) -> int:
     cfg = dose.DoseConfig.quick() if a.quick else dose.DoseConfig()
     changes = {}
     if a.doses:
-        changes["doses"] = _floats(a.doses, "--doses")
+        changes["doses"] = number_list(a.doses, "--doses", float, "0.5,0.75,1.0")
     if a.seeds:
-        changes["seeds"] = _ints(a.seeds, "--seeds")
+        changes["seeds"] = number_list(a.seeds, "--seeds")
     if a.bert_seeds:
-        changes["bert_seeds"] = _ints(a.bert_seeds, "--bert-seeds")
+        changes["bert_seeds"] = number_list(a.bert_seeds, "--bert-seeds")
     if a.archs:
-        changes["archs"] = _list(a.archs)
+        changes["archs"] = name_list(a.archs)
     for k in ("sentences", "max_iters", "bert_iters"):
         if getattr(a, k) is not None:
             changes[k] = getattr(a, k)

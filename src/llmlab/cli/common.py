@@ -202,6 +202,11 @@ class ProgressRenderer:
         self.print(f"step {info.get('step')}: train {info.get('train_loss', float('nan')):.4f}  "
                    f"val {info.get('val_loss', float('nan')):.4f}" + (f"  {extra}" if extra else ""))
 
+    def on_checkpoint_eval(self, info: dict[str, Any]) -> None:
+        figures = "  ".join(f"{k} {v:.4f}" for k, v in info.items()
+                            if k not in ("kind", "step", "elapsed") and isinstance(v, float))
+        self.print(f"checkpoint {info.get('step')}: {figures}")
+
     def on_end(self, info: dict[str, Any]) -> None:
         bar = self.bars.get(self.TRAIN)
         if bar is not None and "step" in info:
@@ -248,8 +253,8 @@ CONFIG_GROUPS: dict[str, tuple[str, ...]] = {
     "optimisation": ("batch_size", "grad_accum", "lr", "weight_decay", "beta1", "beta2", "grad_clip", "seed"),
     "schedule and stopping": ("max_iters", "max_time", "warmup_iters", "lr_decay_iters", "min_lr"),
     "evaluation, checkpoints and samples": (
-        "eval_interval", "eval_iters", "log_interval", "checkpoint_every", "keep_checkpoints", "num_samples",
-        "sample_tokens"),
+        "eval_interval", "eval_iters", "log_interval", "checkpoint_every", "keep_checkpoints",
+        "eval_every_checkpoint", "num_samples", "sample_tokens"),
     "precision and speed": ("dtype", "compile", "threads"),
     "encoder and encoder-decoder objectives (tasks mlm, classify, seq2seq)": (
         "mask_prob", "span_len", "label_smoothing", "base", "label_field", "max_len"),
@@ -391,6 +396,26 @@ def resume_overrides(cfg: Any, overrides: Mapping[str, Any], allowed: Sequence[s
         raise LlmlabError(f"cannot change {_flags(bad)} when resuming: the checkpoint continues the run's own "
                           f"settings; only {_flags(allowed)} can change")
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **given))
+
+
+def number_list(spec: str, flag: str, kind: type = int, example: str = "0,1,2") -> tuple[Any, ...]:
+    """'1,4,16' -> (1, 4, 16) for a flag taking a comma-separated list of numbers; bad or empty -> one clear error."""
+    what = "integers" if kind is int else "numbers"
+    try:
+        vals = tuple(kind(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise LlmlabError(f"{flag} {spec!r} is not a comma-separated list of {what}, e.g. {example}") from None
+    if not vals:
+        raise LlmlabError(f"{flag} is empty; give {what} such as {example}")
+    return vals
+
+
+def name_list(spec: str | None, flag: str = "", allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """'a, b' -> ('a', 'b'); with `allowed`, an unknown or empty list is one clear error naming the choices."""
+    vals = tuple(x.strip() for x in (spec or "").split(",") if x.strip())
+    if allowed is not None and (not vals or any(v not in allowed for v in vals)):
+        raise LlmlabError(f"{flag} {spec!r}: use a comma-separated list of {', '.join(allowed)}")
+    return vals
 
 
 def set_pairs(items: list[str]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from llmlab.generate.chat import generate_from_ids, prompt_ids
 from llmlab.generate.seq2seq import generate_seq2seq, greedy_target
 from llmlab.inspect import lens, viz
 from llmlab.inspect.lens import cross_attention_rows
-from llmlab.interop import export_gpt2, load
+from llmlab.interop import export, load
 
 
 def cli_generate(model: torch.nn.Module, a: Any) -> int:
@@ -189,20 +189,21 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="an llmlab GPT run folder")
+    p.add_argument("run", help="an llmlab GPT run folder, a Hugging Face folder, a .gguf file or smollm2")
     p.add_argument("--out", required=True, help="the folder to write")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
 
 
-@verb("export", "write an llmlab GPT run as a Hugging Face GPT-2 folder", _export_args)
+@verb("export", "write a decoder as a Hugging Face folder (Llama when it has Llama's parts, else GPT-2)", _export_args)
 def cmd_export(a: argparse.Namespace) -> int:
 
     out = Path(a.out)
     if out.exists() and any(out.iterdir()) and not a.force:
         raise LlmlabError(f"{out} exists and is not empty; choose a new folder or pass --force")
     model = load(a.run)
-    export_gpt2(model, out)
-    print(f"wrote {out} (transformers.GPT2LMHeadModel.from_pretrained({str(out)!r}) loads it)")
+    export(model, out)
+    cls = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"wrote {out} (transformers.{cls}.from_pretrained({str(out)!r}) loads it)")
     return 0
 
 

@@ -10,7 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmlab.cli.common import ProgressRenderer, add_config_overrides, config_overrides, console, set_pairs, verb
+from llmlab.cli.common import (
+    ProgressRenderer,
+    add_config_overrides,
+    config_overrides,
+    console,
+    number_list,
+    set_pairs,
+    verb,
+)
 from llmlab.data import load_corpus
 from llmlab.errors import LlmlabError
 from llmlab.progress import message
@@ -49,14 +57,6 @@ def _out(a: argparse.Namespace, kind: str) -> Path:
     return Path(a.out) if a.out else Path("runs") / "privacy" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _ints(spec: str, flag: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(x) for x in spec.split(",") if x.strip())
-    except ValueError:
-        raise LlmlabError(f"{flag} {spec!r} is not a comma-separated list of integers, e.g. 1,4,16,64") from None
-    if not vals:
-        raise LlmlabError(f"{flag} is empty; give counts such as 1,4,16,64")
-    return vals
 
 
 
@@ -152,7 +152,7 @@ def _dp_config(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_canary(a: argparse.Namespace) -> int:
     timer = _Timer()
     out = _out(a, "canary")
-    repeats = _ints(a.repeats, "--repeats")
+    repeats = number_list(a.repeats, "--repeats", int, "1,4,16,64")
     CanaryFormat.parse(a.format)  # a bad format fails before anything else
     cfg = CanaryConfig(format=a.format, repeats=repeats, per_count=a.per_count, controls=a.controls, seed=a.seed,
                        data=a.data, split=a.split, text_field=a.text_field, encoding_errors=a.encoding_errors,

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmlab.cli.common import ProgressRenderer, console, set_pairs, verb
+from llmlab.cli.common import ProgressRenderer, console, name_list, number_list, set_pairs, verb
 from llmlab.errors import LlmlabError
 from llmlab.labs.truth.ask import MODES, AskConfig
 from llmlab.labs.truth.detectors import LABELS
@@ -27,22 +27,8 @@ from llmlab.labs.truth.world import RELATIONS, WorldConfig
 WORLD_FLAGS = ("people", "unseen", "myths", "myth_ratio", "zipf_s", "max_count", "templates")
 
 
-def _ints(spec: str, flag: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(x) for x in spec.split(",") if x.strip())
-    except ValueError:
-        raise LlmlabError(f"{flag} {spec!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
-    if not vals:
-        raise LlmlabError(f"{flag} is empty; give values such as 0,1,2")
-    return vals
 
 
-def _names(spec: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    vals = tuple(x.strip() for x in spec.split(",") if x.strip())
-    bad = [v for v in vals if v not in allowed]
-    if bad or not vals:
-        raise LlmlabError(f"{flag} {spec!r}: use a comma-separated list of {', '.join(allowed)}")
-    return vals
 
 
 
@@ -63,7 +49,7 @@ def _world_args(p: argparse.ArgumentParser) -> None:
 def _world_config(a: argparse.Namespace, base: WorldConfig) -> WorldConfig:
     kw = {k: getattr(a, k) for k in WORLD_FLAGS if getattr(a, k, None) is not None}
     if getattr(a, "relations", None):
-        kw["relations"] = _names(a.relations, "--relations", tuple(RELATIONS))
+        kw["relations"] = name_list(a.relations, "--relations", tuple(RELATIONS))
     return dataclasses.replace(base, **kw)
 
 
@@ -159,8 +145,8 @@ def _lab(a: argparse.Namespace) -> int:
         train["max_iters"] = a.max_iters
     cfg = dataclasses.replace(base, world=_world_config(a, base.world), train=train, dedup_mode=a.dedup_mode,
                               measure=_measure_config(a, base.measure),
-                              **({"seeds": _ints(a.seeds, "--seeds")} if a.seeds else {}),
-                              **({"conditions": _names(a.conditions, "--conditions", CONDITIONS)} if a.conditions
+                              **({"seeds": number_list(a.seeds, "--seeds")} if a.seeds else {}),
+                              **({"conditions": name_list(a.conditions, "--conditions", CONDITIONS)} if a.conditions
                                  else {}),
                               **({"free_samples": a.free_samples} if a.free_samples is not None else {}))
     cfg.validate()

@@ -89,6 +89,22 @@ def loss_curves(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, flo
 
 
 
+def metric_curves(series: dict[str, Sequence[tuple[int, float]]], path: str | Path, title: str = "") -> Path:
+    """One panel per evaluation (the part of each metric's name before "/"), its metrics against step."""
+    groups: dict[str, list[str]] = {}
+    for name in series:
+        groups.setdefault(name.split("/")[0], []).append(name)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(7, 3 * max(1, len(groups))), squeeze=False)
+    for ax, (group, names) in zip(axes[:, 0], groups.items()):
+        for name in names:
+            if series[name]:
+                ax.plot(*zip(*series[name]), marker="o", ms=3, lw=1, label=name.split("/", 1)[-1])
+        ax.set_title(f"{title}: {group}" if title else group)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
 
 def confusion_png(matrix: np.ndarray, labels: Sequence[str], path: str | Path, title: str = "") -> Path:
     """The confusion matrix as a heat map with counts (rows: true label, columns: predicted)."""

@@ -1,5 +1,6 @@
 """Experiment reports: report.json (every number, the config, the model's hash), a self-contained
-report.html (plots embedded as base64 PNG, readable offline) and a short report.md summary."""
+report.html (plots embedded as base64 PNG with their values on hover, readable offline) and a short
+report.md summary."""
 
 from __future__ import annotations
 
@@ -48,14 +49,75 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def figure_png(fig: Any) -> bytes:
-    """A matplotlib figure as PNG bytes (the figure is closed)."""
+class PlotPNG(bytes):
+    """PNG bytes of a plot, with the plotted points: (x pixel, y pixel, label) in the image's own pixels, which
+    the HTML report shows as values on hover."""
+
+    points: list[tuple[float, float, str]]
+
+
+SAVE_DPI = 100
+MAX_HOVER_POINTS = 3000
+
+
+def _num(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def plot_points(fig: Any, dpi: float = SAVE_DPI, pad: float = 0.1) -> list[tuple[float, float, str]]:
+    """Where every line vertex, scatter point and bar top of `fig` lands in the PNG that
+    savefig(dpi=dpi, bbox_inches="tight", pad_inches=pad) writes, with a "series: x=…, y=…" label."""
+    import numpy as np
+
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(pad)  # inches, the saved image's extent
+    pts: list[tuple[float, float, str]] = []
+
+    def add(ax: Any, xy: Any, name: str) -> None:
+        xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+        xy = xy[np.isfinite(xy).all(1)]
+        if not len(xy):
+            return
+        disp = ax.transData.transform(xy) / fig.dpi
+        for (x, y), (dx, dy) in zip(xy, disp):
+            px, py = (dx - box.x0) * dpi, (box.y1 - dy) * dpi
+            if 0 <= px <= box.width * dpi and 0 <= py <= box.height * dpi:
+                pts.append((round(float(px), 1), round(float(py), 1),
+                            (f"{name}: " if name and not name.startswith("_") else "") + f"x={_num(x)}, y={_num(y)}"))
+
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            add(ax, line.get_xydata(), str(line.get_label()))
+        for coll in ax.collections:
+            if coll.get_offset_transform() == ax.transData and len(coll.get_offsets()):
+                add(ax, coll.get_offsets(), str(coll.get_label()))
+        bar_label = {id(b): str(c.get_label()) for c in ax.containers for b in c if hasattr(b, "get_x")}
+        for bar in ax.patches:
+            if type(bar).__name__ == "Rectangle" and bar.get_width() and bar.get_height():
+                x0, y0 = bar.get_x(), bar.get_y()
+                add(ax, [(x0 + bar.get_width() / 2, y0 + bar.get_height())],
+                    bar_label.get(id(bar), str(bar.get_label())))
+    if len(pts) > MAX_HOVER_POINTS:  # keep the page small: an even subsample
+        step = len(pts) / MAX_HOVER_POINTS
+        pts = [pts[int(i * step)] for i in range(MAX_HOVER_POINTS)]
+    return pts
+
+
+def figure_png(fig: Any) -> PlotPNG:
+    """A matplotlib figure as PNG bytes with its plotted points for hover values (the figure is closed)."""
     import matplotlib.pyplot as plt
 
+    try:
+        points = plot_points(fig)
+    except Exception:  # noqa: BLE001 - a figure whose points cannot be placed still gets its picture
+        points = []
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=SAVE_DPI, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
-    return buf.getvalue()
+    png = PlotPNG(buf.getvalue())
+    png.points = points
+    return png
 
 
 def html_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -119,7 +181,9 @@ font-size:14px}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}co
 pre{padding:8px;overflow-x:auto;white-space:pre-wrap}.meta{color:#666;font-size:13px}
 th{cursor:pointer;user-select:none}th[data-sort=asc]::after{content:" \\25B2"}
 th[data-sort=desc]::after{content:" \\25BC"}
-td[title]{cursor:help}"""
+td[title]{cursor:help}img[data-points]{cursor:crosshair}
+#llmlab-tip{position:absolute;display:none;background:#222;color:#fff;font-size:12px;padding:3px 6px;
+border-radius:3px;pointer-events:none;white-space:nowrap}"""
 
 # Sortable tables, written for llmlab (no library, nothing fetched): click a header to sort by that column
 # (numbers numerically, "—" last), click again to reverse; a numeric cell shows its full value on hover.
@@ -133,6 +197,18 @@ th.setAttribute('data-sort',dir);var rows=Array.from(body.rows);rows.sort(functi
 var x=key(a.cells[c]),y=key(b.cells[c]);if(x===null)return 1;if(y===null)return -1;
 if(typeof x!==typeof y){x=String(x);y=String(y);}var r=x<y?-1:x>y?1:0;return dir==='asc'?r:-r;});
 rows.forEach(function(r){body.appendChild(r);});});});});})();"""
+
+
+# Values on hover, written for llmlab: each plot carries its points in the image's own pixels (data-points);
+# the point nearest the pointer (within 10 displayed pixels) is shown in a small box beside it.
+HOVER_JS = r"""(function(){var tip=document.getElementById('llmlab-tip');
+document.querySelectorAll('img[data-points]').forEach(function(img){var pts=JSON.parse(img.dataset.points);
+img.addEventListener('mousemove',function(e){var r=img.getBoundingClientRect();
+var s=img.naturalWidth/r.width,x=(e.clientX-r.left)*s,y=(e.clientY-r.top)*s,best=null,bd=1e18;
+pts.forEach(function(p){var d=(p[0]-x)*(p[0]-x)+(p[1]-y)*(p[1]-y);if(d<bd){bd=d;best=p;}});
+if(best&&Math.sqrt(bd)/s<=10){tip.textContent=best[2];tip.style.display='block';
+tip.style.left=(e.pageX+12)+'px';tip.style.top=(e.pageY+12)+'px';}else{tip.style.display='none';}});
+img.addEventListener('mouseleave',function(){tip.style.display='none';});});})();"""
 
 
 def _header(meta: dict[str, Any]) -> list[str]:
@@ -175,7 +251,9 @@ def write_report(out: str | Path, experiment: str, data: dict[str, Any], section
             md += [md_table(s.rows, s.header), ""]
         for name, png in s.figures.items():
             b64 = base64.b64encode(png).decode()
-            parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{b64}'>"
+            pts = getattr(png, "points", None)
+            hover = f" data-points='{html.escape(json.dumps(pts), quote=True)}'" if pts else ""
+            parts.append(f"<figure><img alt='{html.escape(name)}'{hover} src='data:image/png;base64,{b64}'>"
                          f"<figcaption>{html.escape(name)}</figcaption></figure>")
             fname = hashlib.sha1(name.encode()).hexdigest()[:8] + ".png"
             atomic_write_bytes(out / "figures" / fname, png)
@@ -183,7 +261,7 @@ def write_report(out: str | Path, experiment: str, data: dict[str, Any], section
         if s.raw_html:
             parts.append(s.raw_html)
     parts.append(f"<h2>Configuration</h2><pre>{html.escape(json.dumps(meta['config'], indent=2))}</pre>")
-    parts.append(f"<script>{SORT_JS}</script></body></html>")
+    parts.append(f"<div id='llmlab-tip'></div><script>{SORT_JS}\n{HOVER_JS}</script></body></html>")
     atomic_write_bytes(out / "report.html", "\n".join(parts).encode())
     atomic_write_bytes(out / "report.md", "\n".join(md).encode())
     return out
