@@ -7,7 +7,10 @@
 3. malformed JSON, a huge prompt, a huge body, negative and huge max_tokens, a wrong or missing API key:
    the right 4xx each time, and the server keeps serving.
 
-    .venv/bin/python benchmarks/bench_serve.py RUN [--requests 1000 --clients 16 --examples 40]
+The server decodes concurrent requests together (continuous batching, --max-batch 16, its default);
+`--max-batch 1` checks the same figures with one request at a time.
+
+    .venv/bin/python benchmarks/bench_serve.py RUN [--requests 1000 --clients 16 --examples 40 --max-batch 16]
 
 Writes benchmarks/results/serve.json.
 """
@@ -16,49 +19,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import drive_clients, free_port, percentile, start_llmlab_server, stop_server, write_result  # noqa: E402
 
 HOST = "127.0.0.1"
 KEY = "bench-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def start_server(run: str, port: int, max_tokens: int) -> subprocess.Popen:
-    import httpx
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "llmlab", "serve", run, "--host", HOST, "--port", str(port),
-                             "--name", "bench", "--api-key", KEY, "--max-tokens", str(max_tokens),
-                             "--default-max-tokens", str(min(32, max_tokens)), "--threads", "1",
-                             "--log-level", "warning"], env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://{HOST}:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            raise SystemExit("the server exited before it started")
-    proc.kill()
-    raise SystemExit("the server did not start in 120 s")
+def start_server(run: str, port: int, max_tokens: int, max_batch: int = 16) -> subprocess.Popen:
+    return start_llmlab_server(run, port, "--name", "bench", "--api-key", KEY, "--max-tokens", str(max_tokens),
+                               "--default-max-tokens", str(min(32, max_tokens)), "--threads", "1",
+                               "--max-batch", str(max_batch),
+                               "--log-level", "warning", threads="1", timeout=120)
 
 
 def prompts(n: int) -> list[dict]:
@@ -103,36 +82,21 @@ def load_test(base: str, n_requests: int, n_clients: int, n_distinct: int, max_t
     t0 = time.perf_counter()
     expected = [ask(client, r, False, max_tokens) for r in reqs]  # one at a time: the reference answers
     single_s = (time.perf_counter() - t0) / len(reqs)
-    lock = threading.Lock()
-    errors: list[str] = []
-    mixed: list[int] = []
-    latencies: list[float] = []
+    order = [(i * 7919) % n_distinct for i in range(n_requests)]  # interleave the distinct prompts
 
-    def one(i: int) -> None:
-        j = (i * 7919) % n_distinct  # interleave the distinct prompts
-        stream = i % 4 == 0
-        t = time.perf_counter()
-        try:
-            got = ask(client, reqs[j], stream, max_tokens)
-        except Exception as e:  # noqa: BLE001 - every failure is counted
-            with lock:
-                errors.append(f"{type(e).__name__}: {e}"[:200])
-            return
-        with lock:
-            latencies.append(time.perf_counter() - t)
-            if got != expected[j]:
-                mixed.append(i)
+    def one(i: int) -> str:
+        return ask(client, reqs[order[i]], i % 4 == 0, max_tokens)  # a quarter streamed
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(n_clients) as pool:
-        list(pool.map(one, range(n_requests)))
-    wall = time.perf_counter() - t0
-    lat = sorted(latencies)
+    run = drive_clients(one, list(range(n_requests)), n_clients)
+    mixed = [i for i, got in enumerate(run["results"]) if got is not None and got != expected[order[i]]]
+    lat, wall = run["latencies_s"], run["wall_s"]
     return {"requests": n_requests, "clients": n_clients, "distinct_prompts": n_distinct, "max_tokens": max_tokens,
-            "streamed_share": 0.25, "errors": len(errors), "error_examples": errors[:5], "mixed_up": len(mixed),
-            "distinct_answers": len(set(expected)), "wall_s": round(wall, 1),
-            "requests_per_s": round(n_requests / wall, 2), "latency_p50_s": round(statistics.median(lat), 3) if lat
-            else None, "latency_p95_s": round(lat[int(0.95 * (len(lat) - 1))], 3) if lat else None,
+            "streamed_share": 0.25, "errors": len(run["errors"]), "error_examples": run["errors"][:5],
+            "mixed_up": len(mixed), "distinct_answers": len(set(expected)), "wall_s": round(wall, 1),
+            "requests_per_s": round(n_requests / wall, 2),
+            "latency_p50_s": round(statistics.median(lat), 3) if lat else None,
+            "latency_p95_s": round(percentile(lat, 0.95), 3) if lat else None,
+            "latency_p99_s": round(percentile(lat, 0.99), 3) if lat else None,
             "single_request_s": round(single_s, 3)}
 
 
@@ -222,10 +186,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--examples", type=int, default=40, help="schemathesis examples per operation")
     ap.add_argument("--skip-schemathesis", action="store_true")
+    ap.add_argument("--max-batch", type=int, default=16,
+                    help="the server's --max-batch (16: continuous batching; 1: one at a time)")
     a = ap.parse_args()
     port = free_port()
     base = f"http://{HOST}:{port}"
-    proc = start_server(a.run, port, max_tokens=64)
+    proc = start_server(a.run, port, max_tokens=64, max_batch=a.max_batch)
     try:
         load = load_test(base, a.requests, a.clients, a.distinct, a.max_tokens)
         print(f"load: {load['requests']} requests, {load['clients']} clients: {load['errors']} errors, "
@@ -243,9 +209,9 @@ def main() -> None:
 
         alive = httpx.get(base + "/health", timeout=10).json()
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    result = {"run": a.run, "load": load, "bad_requests": bad, "schemathesis": st, "health_after": alive,
+        stop_server(proc)
+    result = {"run": a.run, "max_batch": a.max_batch, "load": load, "bad_requests": bad, "schemathesis": st,
+              "health_after": alive,
               "note": "2-core machine shared with other jobs: timings are noisy"}
     path = write_result("serve", result)
     print(f"wrote {path}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -150,3 +151,98 @@ def _worker_main(fn: Callable, conn, args: tuple) -> None:  # noqa: ANN001
         fn(Pacer(conn), *args)
     except BaseException as e:  # noqa: BLE001 - reported to the driver
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+# ----------------------------------------------------------------------------- HTTP servers and their clients
+# Shared by bench_serve.py and bench_serve_batching.py: servers run in their own processes, only ever on
+# 127.0.0.1, and are driven by a fixed number of concurrent client threads.
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc, timeout: float = 300.0, what: str = "the server") -> None:  # noqa: ANN001
+    """Wait until GET url answers 200; SystemExit if proc exits first or the time runs out."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited (status {proc.returncode}) before it answered {url}")
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"{what} did not answer {url} within {timeout:.0f} s")
+
+
+def start_llmlab_server(run: str, port: int, *args: str, threads: str | None = None,  # noqa: ANN201
+                        timeout: float = 300.0):
+    """`python -m llmlab serve RUN --host 127.0.0.1 --port PORT *args` in its own process, once /health answers.
+    threads sets OMP_NUM_THREADS (default: inherited, else 2)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": threads or os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.Popen([sys.executable, "-m", "llmlab", "serve", run, "--host", LOOPBACK, "--port", str(port),
+                             *args], env=env)
+    wait_healthy(f"http://{LOOPBACK}:{port}/health", proc, timeout, f"llmlab serve {run}")
+    return proc
+
+
+def stop_server(proc) -> None:  # noqa: ANN001
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except Exception:  # noqa: BLE001 - it must go
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def drive_clients(call: Callable, items: list, clients: int) -> dict:
+    """call(item) for every item, from `clients` concurrent threads (the client loop of the serving
+    benchmarks). Returns, in item order, "results" (None where the call raised), "errors" (one line each),
+    "latencies_s" (of the calls that succeeded) and the "wall_s" of the whole run."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    results: list = [None] * len(items)
+    latency: list = [None] * len(items)
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        t = time.perf_counter()
+        try:
+            results[i] = call(items[i])
+        except Exception as e:  # noqa: BLE001 - every failure is counted
+            with lock:
+                errors.append(f"{type(e).__name__}: {e}"[:200])
+            return
+        latency[i] = time.perf_counter() - t
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(len(items))))
+    wall = time.perf_counter() - t0
+    return {"results": results, "errors": errors, "latencies_s": [x for x in latency if x is not None],
+            "wall_s": wall}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (0..1) of values by the nearest-rank rule (None when empty)."""
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))]

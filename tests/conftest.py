@@ -46,6 +46,53 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def tiny_chat_model(seed: int = 0) -> torch.nn.Module:
+    """A small untrained chat-template GPT (context 256) with sharpened weights, so greedy replies depend on
+    the prompt rather than collapsing to one token, and an end-of-text logit pushed down so that every reply
+    has exactly max_tokens tokens."""
+    from llmlab.chat import render_chat
+    from llmlab.config import ModelConfig
+    from llmlab.models import build_model
+    from llmlab.train.chat import chat_tokenizer, make_dataset
+
+    rows = make_dataset(40, 0)
+    tok = chat_tokenizer([render_chat(r["messages"], False) for r in rows])
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch="gpt", vocab_size=tok.vocab_size, block_size=256, n_layer=2, n_head=2, n_embd=32,
+                      pad_token_id=tok.pad_id)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)
+        model.lm_head.weight[tok.eos_id] -= 100.0
+    model.tokenizer = tok
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest):
+    """`llmlab serve` of tiny_chat_model() as model "tiny": a real uvicorn server on 127.0.0.1 (continuous
+    batching on), one per test module. A module sets SERVE_API_KEY (default: none) and SERVE_LIMITS (ServeLimits
+    fields over max_tokens=64, max_prompt_tokens=200). The yielded object has .url, .model, .app, .key."""
+    from llmlab.serve.app import ServeLimits, ServerThread, create_app
+
+    key = getattr(request.module, "SERVE_API_KEY", None)
+    limits = ServeLimits(**{"max_tokens": 64, "max_prompt_tokens": 200, **getattr(request.module, "SERVE_LIMITS", {})})
+    model = tiny_chat_model()
+    app = create_app(model, name="tiny", api_key=key, limits=limits)
+    with ServerThread(app) as s:
+        s.model, s.app, s.key = model, app, key
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client for `server` (no retries)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.key or "x", max_retries=0, timeout=60)
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory):
     """A random Hugging Face GPT-2 (2 layers, width 64, vocab 101) saved with save_pretrained (safetensors).

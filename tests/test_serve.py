@@ -17,48 +17,20 @@ import openai
 import pytest
 import torch
 
+from conftest import tiny_chat_model
 from llmlab.chat import render_chat
 from llmlab.checkpoint import save_run_model
 from llmlab.config import ModelConfig
 from llmlab.generate.causal import GenerationConfig
 from llmlab.generate.chat import chat_generate, generate_from_ids
 from llmlab.models import build_model
-from llmlab.serve.app import ServeLimits, ServerThread, create_app
+from llmlab.serve.app import ServerThread, create_app
 from llmlab.tokenizers import CharTokenizer
-from llmlab.train.chat import chat_tokenizer, make_dataset
 
 KEY = "test-key-123"
-
-
-def _chat_model(seed: int = 0) -> torch.nn.Module:
-    """A small untrained chat-template GPT with biased weights, so greedy replies vary with the prompt."""
-    rows = make_dataset(40, 0)
-    tok = chat_tokenizer([render_chat(r["messages"], False) for r in rows])
-    torch.manual_seed(seed)
-    cfg = ModelConfig(arch="gpt", vocab_size=tok.vocab_size, block_size=256, n_layer=2, n_head=2, n_embd=32,
-                      pad_token_id=tok.pad_id)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(8.0)  # sharper logits: replies depend on the prompt rather than collapsing to one token
-        model.lm_head.weight[tok.eos_id] -= 100.0  # never end early: every reply has max_tokens tokens
-    model.tokenizer = tok
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def server():
-    model = _chat_model()
-    app = create_app(model, name="tiny", api_key=KEY,
-                     limits=ServeLimits(max_tokens=64, max_request_bytes=50_000, max_prompt_tokens=200))
-    with ServerThread(app) as s:
-        s.model, s.app = model, app
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+# the shared `server` fixture (conftest.py): an API key and a small body limit for this module
+SERVE_API_KEY = KEY
+SERVE_LIMITS = {"max_request_bytes": 50_000}
 
 
 def _greedy_chat(model: torch.nn.Module, messages: list[dict], n: int) -> str:
@@ -218,7 +190,7 @@ def _free_port() -> int:
 
 
 def test_cli_serve_binds_loopback(tmp_path: Path) -> None:
-    model = _chat_model()
+    model = tiny_chat_model()
     save_run_model(tmp_path / "run", model, model.tokenizer)
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,7 +1,8 @@
 """llmlab serve as real clients use it (issue 13): log-probabilities equal to llmlab's own scoring, echo and
 max_tokens=0, n, token-id prompts, penalties and logit_bias, completions usage chunks, lone surrogates,
-embeddings, and continuous batching with the same greedy outputs as serving each request alone. A real
-uvicorn server on 127.0.0.1 and the official openai client."""
+embeddings, the tokenizer endpoints, and continuous batching: the same greedy outputs as serving each request
+alone, a disconnecting client freeing its slot, a failing request failing alone. A real uvicorn server on
+127.0.0.1 and the official openai client."""
 
 from __future__ import annotations
 
@@ -14,43 +15,13 @@ import openai
 import pytest
 import torch
 
-from llmlab.chat import render_chat
-from llmlab.config import ModelConfig
 from llmlab.evaluate import token_logprobs
 from llmlab.generate.causal import GenerationConfig, generate_ids
 from llmlab.generate.chat import generate_from_ids, prompt_ids
-from llmlab.models import build_model
-from llmlab.serve.app import ServeLimits, ServerThread, create_app
-from llmlab.train.chat import chat_tokenizer, make_dataset
+from llmlab.serve.app import ServerThread, create_app
+from llmlab.serve.engine import Job
 
-
-def _chat_model(seed: int = 0) -> torch.nn.Module:
-    rows = make_dataset(40, 0)
-    tok = chat_tokenizer([render_chat(r["messages"], False) for r in rows])
-    torch.manual_seed(seed)
-    cfg = ModelConfig(arch="gpt", vocab_size=tok.vocab_size, block_size=256, n_layer=2, n_head=2, n_embd=32,
-                      pad_token_id=tok.pad_id)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(8.0)
-        model.lm_head.weight[tok.eos_id] -= 100.0
-    model.tokenizer = tok
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def server():
-    model = _chat_model()
-    app = create_app(model, name="tiny", limits=ServeLimits(max_tokens=64, max_prompt_tokens=200))
-    with ServerThread(app) as s:
-        s.model, s.app = model, app
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+# `server` and `client` are the shared fixtures of conftest.py (tiny_chat_model as "tiny", no API key)
 
 
 def _plain(tok, tokens: list[str]) -> str:
@@ -187,17 +158,152 @@ def test_continuous_batching_equals_serving_alone(server, client: openai.OpenAI)
     assert engine.max_rows_seen >= 2  # they really were decoded together
 
 
-def test_disconnect_mid_stream_frees_the_slot(server) -> None:
-    engine = server.app.state.engine
-    body = {"model": "tiny", "prompt": "abc", "max_tokens": 64, "temperature": 0, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
-                break
-    deadline = time.time() + 10
+def _alone(model: torch.nn.Module, prompt: str, n: int) -> str:
+    """The greedy completion of serving `prompt` alone, in process (llmlab's own generate)."""
+    return generate_from_ids(model, [model.tokenizer.encode(prompt)],
+                             GenerationConfig(max_new_tokens=n, temperature=0.0))[0].text
+
+
+class _Spy:
+    """Records the jobs given to the server's engine (and lets a test change them before they run)."""
+
+    def __init__(self, engine, change=None):  # noqa: ANN001
+        self.engine, self.change, self.jobs = engine, change, []
+
+    def __enter__(self) -> _Spy:
+        real = self.engine.submit
+
+        def submit(jobs: list[Job]) -> None:
+            for j in jobs:
+                if self.change is not None:
+                    self.change(j)
+            self.jobs.extend(jobs)
+            real(jobs)
+
+        self.engine.submit = submit
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.engine.submit  # back to the class's method
+
+
+def _idle(engine, timeout: float = 20.0) -> None:  # noqa: ANN001
+    deadline = time.time() + timeout
     while engine.busy and time.time() < deadline:
+        time.sleep(0.02)
+    assert engine.busy == 0 and engine.rows == [] and engine.caches is None
+
+
+def test_disconnect_mid_stream_frees_the_slot(server, client: openai.OpenAI) -> None:
+    """A client that goes away mid-stream leaves the batch at the next token; the requests decoded beside it
+    and the requests after it complete with their single-request replies, and the batch empties."""
+    model, engine = server.model, server.app.state.engine
+    prompts = [f"{i} " + "word " * (2 + 3 * i) for i in range(6)]
+    want = [_alone(model, p, 30 + 5 * i) for i, p in enumerate(prompts)]
+
+    def slow(job: Job) -> None:  # the streamed job's client reads slowly: 20 ms per piece of text
+        if job.cfg.max_new_tokens == 63 and job.on_text is not None:
+            send = job.on_text
+            job.on_text = lambda text, toks: (time.sleep(0.02), send(text, toks))
+
+    def ask(i: int) -> str:
+        return client.completions.create(model="tiny", prompt=prompts[i], max_tokens=30 + 5 * i,
+                                         temperature=0).choices[0].text
+
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 63, "temperature": 0, "stream": True}
+    with _Spy(engine, slow) as spy, ThreadPoolExecutor(6) as pool:
+        others = [pool.submit(ask, i) for i in range(6)]
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                    break  # closing the response here disconnects
+        got = [f.result(timeout=60) for f in others]
+    assert got == want
+    _idle(engine)
+    streamed = [j for j in spy.jobs if j.cfg.max_new_tokens == 63]
+    assert len(streamed) == 1 and streamed[0].done.is_set()
+    assert streamed[0].completion_tokens < 40  # it stopped early: the slot was freed, not run to the end
+    assert ask(2) == want[2]  # and the server goes on serving
+    _idle(engine)
+
+
+def test_a_failing_request_fails_alone(server, client: openai.OpenAI) -> None:
+    """Requests that fail (a bad logit_bias id, a prompt past the context, an id outside the vocabulary; a job
+    failing inside the batch, at its prefill or mid-decode) get their error alone: the requests decoded
+    beside them complete with their single-request replies."""
+    model, engine = server.model, server.app.state.engine
+    vocab = model.config.vocab_size
+    prompts = [("word " * (1 + i * 2)) + str(i) for i in range(10)]
+    lengths = [8 + 4 * (i % 5) for i in range(10)]
+    want = [_alone(model, p, n) for p, n in zip(prompts, lengths)]
+    bad = [
+        ({"logit_bias": {str(vocab + 5): 3}}, "logit_bias", "invalid_value"),
+        ({"prompt": [1] * 300}, "prompt", "context_length_exceeded"),
+        ({"prompt": [1, 2, vocab + 1]}, "prompt", "invalid_value"),
+        ({"max_tokens": 10_000}, "max_tokens", "invalid_value"),
+    ]
+
+    def good(i: int) -> str:
+        return client.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i],
+                                         temperature=0).choices[0].text
+
+    def refused(k: int) -> httpx.Response:
+        return _post(server, "/v1/completions", {"model": "tiny", "prompt": "abc", "max_tokens": 8,
+                                                 "temperature": 0, **bad[k][0]})
+
+    # two jobs that fail inside the engine while the good ones are in the batch: one at its prefill (a bias
+    # on a token the model does not have; the server's own check is bypassed), one after 3 tokens
+    calls = {"n": 0}
+
+    def explode(text: str, toks: list) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("the client's callback failed")
+
+    inner = [Job(model.tokenizer.encode("abc"), GenerationConfig(max_new_tokens=20, temperature=0.0,
+                                                                 logit_bias={vocab + 3: 1.0})),
+             Job(model.tokenizer.encode("xyz"), GenerationConfig(max_new_tokens=30, temperature=0.0),
+                 on_text=explode)]
+    engine.max_rows_seen = 0
+    with ThreadPoolExecutor(14) as pool:
+        goods = [pool.submit(good, i) for i in range(10)]
+        bads = [pool.submit(refused, k) for k in range(len(bad))]
         time.sleep(0.05)
-    assert engine.busy == 0
+        engine.submit(inner)
+        got = [f.result(timeout=60) for f in goods]
+        answers = [f.result(timeout=60) for f in bads]
+    for j in inner:
+        assert j.done.wait(30)
+    assert got == want
+    for r, (_, param, code) in zip(answers, bad):
+        assert r.status_code == 400 and r.json()["error"]["param"] == param and r.json()["error"]["code"] == code
+    assert "vocabulary" in str(inner[0].error)
+    assert isinstance(inner[1].error, RuntimeError) and calls["n"] == 3
+    assert engine.max_rows_seen >= 2
+    _idle(engine)
+
+
+def test_tokenizer_endpoints_are_the_scored_tokens(server, client: openai.OpenAI) -> None:
+    """vLLM's /tokenizer_info, /tokenize and /detokenize (what lm-evaluation-harness's remote tokenizer asks
+    for) answer with the served model's tokenizer, and the ids /tokenize gives are those /v1/completions
+    scores."""
+    tok = server.model.tokenizer
+    info = httpx.get(server.url + "/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == tok.id_to_token(tok.eos_id) and info["model_max_length"] == 256
+    text = "The river flows."
+    t = _post(server, "/tokenize", {"prompt": text, "add_special_tokens": False}).json()
+    assert t["tokens"] == tok.encode(text) and t["count"] == len(t["tokens"])
+    assert _post(server, "/detokenize", {"tokens": t["tokens"]}).json() == {"prompt": text}
+    assert _post(server, "/detokenize", {"tokens": [tok.eos_id]}).json() == {"prompt": info["eos_token"]}
+    r = client.completions.create(model="tiny", prompt=t["tokens"], max_tokens=0, echo=True, logprobs=0)
+    ref = token_logprobs(server.model, t["tokens"]).tolist()
+    assert max(abs(a - b) for a, b in zip(r.choices[0].logprobs.token_logprobs[1:], ref)) <= 1e-5
+    for path, body, status, param in (("/detokenize", {"tokens": [tok.vocab_size + 2]}, 400, "tokens"),
+                                      ("/tokenize", {"prompt": "a", "model": "other"}, 404, "model"),
+                                      ("/tokenize", {"prompt": "a", "frobnicate": 1}, 400, "frobnicate"),
+                                      ("/tokenize", {"text": "a"}, 400, "prompt")):
+        e = _post(server, path, body)
+        assert e.status_code == status and e.json()["error"]["param"] == param, (path, body, e.text)
 
 
 def test_embeddings_for_an_encoder() -> None:

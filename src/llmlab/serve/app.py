@@ -1,8 +1,10 @@
 """An OpenAI-compatible HTTP server for llmlab models (FastAPI): /v1/models, /v1/completions,
-/v1/chat/completions (plain and streamed with server-sent events), /health.
+/v1/chat/completions (plain and streamed with server-sent events), /v1/embeddings (encoders), /health, and
+vLLM's /tokenizer_info, /tokenize and /detokenize (the served model's own tokenizer, for evaluation harnesses).
 
-Generation is CPU-bound, so it runs in a worker thread, one request at a time behind a lock (a queue):
-each request decodes with its own KV caches, and requests never see each other's state. Errors have the
+Generation runs in one worker thread that decodes concurrent requests together (continuous batching, see
+llmlab.serve.engine): each request keeps its own cache rows, sampling settings and seed, so requests never
+see each other's state and greedy replies equal those of serving each alone. Errors have the
 OpenAI shape {"error": {"message", "type", "param", "code"}} with 4xx codes for anything the client
 can fix (malformed JSON and validation errors included: 400, not FastAPI's 422).
 """
@@ -151,6 +153,25 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (the vLLM protocol lm-evaluation-harness's remote tokenizer speaks)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, max_length=256)
+    prompt: str
+    add_special_tokens: bool | None = False
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, max_length=256)
+    tokens: list[int]
 
 
 def check_extra(req: BaseModel) -> None:
@@ -363,7 +384,7 @@ def create_app(model: torch.nn.Module, name: str = "llmlab", api_key: str | None
         if endpoint == "embeddings" and decoder:
             raise APIError(400, f"'{name}' is a decoder-only language model; /v1/embeddings needs an encoder "
                                 "(serve one, e.g. `llmlab serve minilm`).", param="model", code="invalid_model")
-        if endpoint != "embeddings" and not decoder:
+        if endpoint not in ("embeddings", "tokenizer") and not decoder:
             raise APIError(400, f"'{name}' is an encoder model: it serves /v1/embeddings only.", param="model",
                            code="invalid_model")
 
@@ -746,6 +767,41 @@ def create_app(model: torch.nn.Module, name: str = "llmlab", api_key: str | None
         state["served"] += 1
         used = sum(len(b) for b in batch)
         return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": used, "total_tokens": used}}
+
+    # ------------------------------------------------------------------ the model's tokenizer (vLLM's protocol)
+    # lm-evaluation-harness's local-completions model asks for these first (tokenizer_backend=auto) and then
+    # tokenizes with the served model's own tokenizer: any llmlab model (a character vocabulary, a GGUF file)
+    # can be evaluated without a Hugging Face tokenizer folder. Token ids are those /v1/completions scores.
+
+    def special(i: int | None) -> str | None:
+        return None if i is None else tok.id_to_token(i)
+
+    @app.get("/tokenizer_info", dependencies=[auth])
+    async def tokenizer_info() -> dict[str, Any]:
+        return {"tokenizer_class": type(tok).__name__, "eos_token": special(tok.eos_id),
+                "bos_token": special(tok.bos_id), "pad_token": special(tok.pad_id),
+                "chat_template": getattr(tok, "chat_template", None), "model_max_length": block,
+                "vocab_size": vocab}
+
+    @app.post("/tokenize", dependencies=[auth])
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        if req.model is not None:
+            check_model(req.model, "tokenizer")
+        check_extra(req)
+        try:
+            ids = tok.encode(clean(req.prompt), add_special_tokens=bool(req.add_special_tokens))
+        except LlmlabError as e:
+            raise APIError(400, f"The prompt cannot be tokenized: {e}", param="prompt", code="invalid_value") from None
+        return {"count": len(ids), "max_model_len": block, "tokens": ids}
+
+    @app.post("/detokenize", dependencies=[auth])
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        if req.model is not None:
+            check_model(req.model, "tokenizer")
+        check_extra(req)
+        if req.tokens:
+            check_ids(req.tokens, "tokens")
+        return {"prompt": tok.decode(req.tokens, skip_special_tokens=False)}  # as vLLM (and HF decode)
 
     wrapped = BodyLimit(app, limits.max_request_bytes)
     app.state.asgi = wrapped
