@@ -149,3 +149,22 @@ SPOTLIGHTS = {"delimit": delimit, "datamark": datamark, "encode": encode_base64}
 def spotlight(kind: str, text: str) -> str:
     """The untrusted text marked with spotlighting `kind` (delimit | datamark | encode)."""
     return SPOTLIGHTS[kind](text)
+
+
+def spotlight_messages(kind: str, task: str, document: str, system: str | None = None, note: str = "append"
+                       ) -> tuple[str | None, str]:
+    """(system, user) of a request about an untrusted document, spotlighted with `kind`, rendered the way
+    llmlab's assistant is trained to see it: the task, a newline, then the marked document in the user turn
+    ("Summarise this document:\\n<<<...>>>"; a task with a {document} placeholder gets it there), and the note
+    saying what the marking means after the application's system prompt, or as the whole system prompt when
+    there is none (note="append"). note="system" makes the note the whole system prompt; note="user" puts it
+    before the task in the user turn."""
+    marked = spotlight(kind, document)
+    user = task.replace("{document}", marked) if "{document}" in task else (f"{task}\n{marked}" if task else marked)
+    if note == "system":
+        return NOTES[kind], user
+    if note == "append":
+        return (f"{system} {NOTES[kind]}" if system else NOTES[kind]), user
+    if note == "user":
+        return system, f"{NOTES[kind]}\n{user}"
+    raise LlmlabError(f"spotlight note placement {note!r} is not system, append or user")

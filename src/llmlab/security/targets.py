@@ -1,8 +1,8 @@
 """The two interfaces security experiments see a model through.
 
 - WhiteBox: a causal LM and its tokenizer — logits for token ids, per-token log-probabilities, and input
-  embeddings (for gradients with respect to the prompt, as GCG needs). llmlab runs and imported Hugging
-  Face GPT-2 folders provide it.
+  embeddings (for gradients with respect to the prompt, as GCG needs). llmlab runs, Hugging Face GPT-2 and
+  Llama folders, GGUF files and `smollm2` provide it.
 - ChatTarget: text in, text out, optionally with a system prompt. llmlab chat models and any
   OpenAI-compatible endpoint provide it (implementations live with the scanner).
 """
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llmlab.attention import KVCache
 from llmlab.errors import LlmlabError
 from llmlab.evaluate import token_logprobs
 from llmlab.generate.causal import GenerationConfig
@@ -37,11 +38,14 @@ class WhiteBox:
         self.model, self.tokenizer, self.name, self.path = model.eval(), tokenizer, name, path
 
     @classmethod
-    def load(cls, path: str | Path) -> WhiteBox:
-        """A WhiteBox for an llmlab run folder or a local Hugging Face GPT-2 folder."""
-
-        model = load(path)
-        return cls(model, model.tokenizer, name=str(path), path=path)
+    def load(cls, path: str | Path, dtype: torch.dtype | str | None = None) -> WhiteBox:
+        """A WhiteBox for an llmlab run folder, a local Hugging Face GPT-2 or Llama folder, a GGUF file or
+        `smollm2`. An endpoint (`openai:MODEL@URL`) has no weights: it can only be a transfer target."""
+        if str(path).startswith(("openai:", "http://", "https://")):
+            raise LlmlabError(f"{path} is an endpoint (text in, text out): it has no weights to take gradients "
+                              "of, so it can only be a transfer target, not the model a suffix is optimised on")
+        model = load(path, dtype=dtype)
+        return cls(model, model.tokenizer, name=str(path), path=None if str(path) == "smollm2" else path)
 
     @property
     def block_size(self) -> int:
@@ -68,6 +72,122 @@ class WhiteBox:
     def logits_from_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
         """(B, T, C) input embeddings -> (B, T, V) logits (differentiable)."""
         return self.model(inputs_embeds=embeds)
+
+    # ---- what gradient attacks on the prompt need (GCG: llmlab.security.adversarial.gcg) --------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.wte.weight.dtype
+
+    @torch.no_grad()
+    def prefix_caches(self, ids: Sequence[int]) -> list[KVCache]:
+        """Per-layer key/value caches of a fixed prompt prefix (batch 1), computed once and then shared by
+        every forward pass that continues it (expand_caches)."""
+        caches = self.model.new_caches()
+        if len(ids):
+            self.hidden(self.model.wte(torch.tensor([list(ids)])), caches)
+        return caches
+
+    @staticmethod
+    def expand_caches(caches: Sequence[KVCache], batch: int) -> list[KVCache]:
+        """Fresh caches for `batch` rows that all start from the (batch 1) prefix `caches`; the prefix is
+        left untouched (appending copies it into the new caches' own buffers)."""
+        out = []
+        for c in caches:
+            n = KVCache(dtype=c.dtype)
+            if c.k is not None and c.length:
+                n.k = c.k[:, :, : c.length].expand(batch, -1, -1, -1)
+                n.v = c.v[:, :, : c.length].expand(batch, -1, -1, -1)
+                n.length = c.length
+            out.append(n)
+        return out
+
+    def hidden(self, embeds: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """(B, T, C) input embeddings continuing `caches` -> (B, T, C) final-norm hidden states: the model's
+        forward pass without the output head, so a caller projects only the positions it needs (head)."""
+        m = self.model
+        B, T, _ = embeds.shape
+        past = caches[0].length if caches else 0
+        if past + T > self.block_size:
+            raise LlmlabError(f"{self.name}: a prompt of {past + T} tokens does not fit the context of "
+                              f"{self.block_size}; use a shorter goal, suffix or system prompt")
+        pos = torch.arange(past, past + T, device=embeds.device)
+        x = embeds
+        if m.wpe is not None:
+            x = x + m.wpe(pos)
+        elif m.pe is not None:
+            x = x + m.pe[pos].to(x.dtype)
+        for i, block in enumerate(m.h):
+            x = block(x, is_causal=True, positions=pos, cache=caches[i] if caches else None)
+        return m.ln_f(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits (..., V)."""
+        return self.model.lm_head(h)
+
+    def forbidden_tokens(self, allow_non_ascii: bool = False, allow_special: bool = False) -> torch.Tensor:
+        """(V,) bool mask of the token ids an attack may not put in a suffix: ids past the tokenizer's
+        vocabulary, special and added control tokens (unless allow_special), and tokens whose text is not
+        printable ASCII (unless allow_non_ascii), as in nanoGCG and llm-attacks."""
+        key = (allow_non_ascii, allow_special)
+        memo = getattr(self, "_forbidden", {})
+        if key in memo:
+            return memo[key]
+        from llmlab.chat import CHAT_SPECIALS
+
+        V, n = self.vocab_size, self.tokenizer.vocab_size
+        bad = torch.zeros(V, dtype=torch.bool)
+        bad[min(n, V):] = True
+        if not allow_special:
+            specials = set(getattr(self.tokenizer, "special_tokens", {}).values())
+            hf = getattr(self.tokenizer, "hf_tokenizer", None)
+            if hf is not None:
+                specials |= {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+            specials |= {i for i in (self.tokenizer.token_to_id(t) for t in CHAT_SPECIALS) if i is not None}
+            for i in specials:
+                if 0 <= i < V:
+                    bad[i] = True
+        if not allow_non_ascii:
+            texts = self.tokenizer.decode_batch([[i] for i in range(min(n, V))], skip_special_tokens=False)
+            for i, t in enumerate(texts):
+                if not t or not t.isascii() or not t.isprintable():
+                    bad[i] = True
+        memo[key] = bad
+        self._forbidden = memo
+        return bad
+
+    def place(self, goal: str, system: str | None = None, template: bool = True,
+              assistant_prefix: str = "") -> tuple[list[int], list[int]]:
+        """(before, after) token ids such that before + suffix + after is the prompt a real user's
+        `goal + suffix` gives (a suffix carries its own leading space, " ! ! !") in this model's chat
+        template (its own Jinja template, llmlab's template, or the plain "User: ... Assistant:" rendering),
+        the assistant's turn opened and `assistant_prefix` written after it. template=False: plain text
+        completion of `goal + suffix`."""
+        mark = "\x00llmlab-suffix\x00"
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": goal + mark}]
+        if not template:
+            text = f"{system}\n\n" if system else ""
+            text += messages[-1]["content"]
+        else:
+            from llmlab.chat import has_chat_template, render_chat, render_plain
+            from llmlab.generate.chat import own_template
+
+            if own_template(self.tokenizer) is not None:
+                from llmlab.chat_template import apply_chat_template
+
+                text = apply_chat_template(self.tokenizer, messages)
+            elif has_chat_template(self.tokenizer):
+                text = render_chat(messages)
+            else:
+                text = render_plain(messages)
+        if text.count(mark) != 1:
+            raise LlmlabError(f"{self.name}: the chat template does not keep the user's text as written, so a "
+                              "suffix cannot be placed in it; attack without the template")
+        before, after = text.split(mark)
+        after += assistant_prefix
+        enc = self.tokenizer.encode
+        return (enc(before) if before else []), (enc(after) if after else [])
 
     @torch.no_grad()
     def token_logprobs(self, ids: Sequence[int]) -> torch.Tensor:
@@ -97,16 +217,14 @@ class WhiteBox:
 
 
 class ChatTarget:
-    """Text in, text out. Subclasses implement `chat`."""
+    """Text in, text out. Subclasses implement `chat`. `model_name` is what the report header shows."""
 
     name: str = "target"
+    model_name: str | None = None
 
     def chat(self, user: str, system: str | None = None, max_tokens: int = 128, temperature: float = 0.0,
              seed: int | None = None) -> str:
         raise NotImplementedError
-
-
-
 
 
 Request = tuple[str | None, str]  # (system, user)
@@ -114,6 +232,10 @@ Request = tuple[str | None, str]  # (system, user)
 
 class TargetError(LlmlabError):
     """The target failed to answer one request (HTTP error, timeout, context too long)."""
+
+
+class PromptTooLong(TargetError):
+    """The request does not fit the model's context: not sent (reported apart from target failures)."""
 
 
 class BatchChatTarget(ChatTarget):
@@ -131,18 +253,23 @@ class BatchChatTarget(ChatTarget):
         return out
 
 
+BUILTIN_CHAT_MODELS = ("smollm2",)
+
+
 class LlmlabChatTarget(BatchChatTarget):
-    """An llmlab model (a run folder or a Hugging Face GPT-2 folder) answering through its chat template."""
+    """An llmlab model (a run folder, a Hugging Face or GGUF model, or `smollm2`) answering through its chat
+    template, `batch_size` requests decoded together (similar lengths batched together)."""
 
     def __init__(self, model: Any, name: str = "llmlab", path: str | Path | None = None, batch_size: int = 16):
         if getattr(model.config, "arch", "gpt") != "gpt" or model.tokenizer is None:
             raise LlmlabError(f"{name} is not a decoder-only model with a tokenizer; scan a GPT run folder")
-        self.model, self.name, self.path, self.batch_size = model.eval(), name, path, batch_size
+        self.model, self.name, self.path, self.batch_size = model.eval(), name, path, max(1, batch_size)
+        self.model_name = name
 
     @classmethod
-    def load(cls, path: str | Path) -> LlmlabChatTarget:
-
-        return cls(load(path), name=str(path), path=path)
+    def load(cls, path: str | Path, batch_size: int = 16) -> LlmlabChatTarget:
+        local = None if str(path) in BUILTIN_CHAT_MODELS else path
+        return cls(load(path), name=str(path), path=local, batch_size=batch_size)
 
     @staticmethod
     def _messages(system: str | None, user: str) -> list[dict[str, str]]:
@@ -157,74 +284,93 @@ class LlmlabChatTarget(BatchChatTarget):
 
     def chat_many(self, requests: Sequence[Request], max_tokens: int = 64, temperature: float = 0.0,
                   seed: int | None = None) -> list[str | TargetError]:
-
         block = self.model.config.block_size
         out: list[str | TargetError | None] = [None] * len(requests)
         todo: list[tuple[int, list[int], tuple[str, ...]]] = []
         for i, (system, user) in enumerate(requests):
             ids, stop = prompt_ids(self.model, self._messages(system, user))
-            if len(ids) >= block:
-                out[i] = TargetError(f"prompt of {len(ids)} tokens does not fit the context of {block}")
+            if len(ids) + 1 >= block:
+                out[i] = PromptTooLong(f"prompt of {len(ids)} tokens does not fit the context of {block}")
             else:
                 todo.append((i, ids, stop))
+        todo.sort(key=lambda t: len(t[1]))  # similar lengths together: less left padding per batch
         for k in range(0, len(todo), self.batch_size):
             chunk = todo[k:k + self.batch_size]
-            cfg = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, seed=seed,
+            room = block - max(len(ids) for _, ids, _ in chunk)
+            cfg = GenerationConfig(max_new_tokens=max(1, min(max_tokens, room)), temperature=temperature, seed=seed,
                                    stop=chunk[0][2])
             for (i, _, _), c in zip(chunk, generate_from_ids(self.model, [ids for _, ids, _ in chunk], cfg)):
                 out[i] = c.text
         return out  # type: ignore[return-value]
 
 
+_SAMPLING_WORDS = ("max_tokens", "temperature", "max_completion_tokens", "unsupported parameter", "not supported")
+
+
 class OpenAITarget(BatchChatTarget):
-    """Any OpenAI-compatible /v1/chat/completions endpoint, over HTTP (httpx). The API key is read from an
-    environment variable (none sent when it is unset, as local servers need none)."""
+    """Any OpenAI-compatible /v1/chat/completions endpoint, over HTTP (httpx), `concurrency` requests in
+    flight at once (a batching server decodes them together). The API key is read from an environment
+    variable (none sent when it is unset, as local servers need none). sampling=False never sends
+    max_tokens, temperature or seed (some hosted reasoning models refuse them); with sampling=True a 400
+    that names one of them is retried once without them, and they stay off for the rest of the scan."""
 
     def __init__(self, model: str, base_url: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
-                 concurrency: int = 4, retries: int = 2):
+                 concurrency: int = 4, retries: int = 2, sampling: bool = True):
         import httpx
 
         if not base_url.startswith(("http://", "https://")):
             raise LlmlabError(f"base URL {base_url!r} must start with http:// or https://")
         self.model, self.base_url = model, base_url.rstrip("/")
         self.name = f"openai:{model}@{self.base_url}"
-        self.concurrency, self.retries = max(1, concurrency), retries
+        self.model_name = model
+        self.concurrency, self.retries, self.sampling = max(1, concurrency), retries, sampling
+        self.dropped_sampling = False  # set when the server refused the sampling fields
         key = os.environ.get(api_key_env) if api_key_env else None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.Client(timeout=timeout, headers=headers)
+
+    def _body(self, messages: list[dict[str, str]], max_tokens: int, temperature: float, seed: int | None
+              ) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "messages": messages}
+        if self.sampling:
+            body.update(max_tokens=max_tokens, temperature=temperature)
+            if seed is not None:
+                body["seed"] = seed
+        return body
 
     def chat(self, user: str, system: str | None = None, max_tokens: int = 128, temperature: float = 0.0,
              seed: int | None = None) -> str:
         import httpx
 
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
-                                "temperature": temperature}
-        if seed is not None:
-            body["seed"] = seed
         url = f"{self.base_url}/chat/completions"
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
-                r = self.client.post(url, json=body)
+                r = self.client.post(url, json=self._body(messages, max_tokens, temperature, seed))
             except httpx.HTTPError as e:
                 if attempt < self.retries:
                     time.sleep(0.5 * 2 ** attempt)
+                    attempt += 1
                     continue
                 raise TargetError(f"{url}: {type(e).__name__}: {e}") from None
             if r.status_code in (429, 500, 502, 503, 504) and attempt < self.retries:
                 time.sleep(0.5 * 2 ** attempt)
+                attempt += 1
                 continue
             if r.status_code != 200:
                 try:
-                    msg = r.json()["error"]["message"]
+                    msg = str(r.json()["error"]["message"])
                 except Exception:  # noqa: BLE001 - any non-OpenAI error body
                     msg = r.text[:200]
+                if r.status_code == 400 and self.sampling and any(w in msg.lower() for w in _SAMPLING_WORDS):
+                    self.sampling, self.dropped_sampling = False, True  # retry once without them
+                    continue
                 raise TargetError(f"{url}: HTTP {r.status_code}: {msg}")
             try:
                 return r.json()["choices"][0]["message"]["content"] or ""
             except (ValueError, KeyError, IndexError, TypeError):
                 raise TargetError(f"{url}: the reply is not an OpenAI chat completion") from None
-        raise TargetError(f"{url}: no answer after {self.retries + 1} tries")
 
     def chat_many(self, requests: Sequence[Request], max_tokens: int = 64, temperature: float = 0.0,
                   seed: int | None = None) -> list[str | TargetError]:
@@ -242,13 +388,16 @@ class OpenAITarget(BatchChatTarget):
 
 
 def parse_target(spec: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
-                 timeout: float = 60.0) -> BatchChatTarget:
-    """A target from `openai:MODEL@BASE_URL` or a model folder (an llmlab run or a Hugging Face folder)."""
+                 timeout: float = 60.0, sampling: bool = True, batch_size: int = 16, retries: int = 2
+                 ) -> BatchChatTarget:
+    """A target from `openai:MODEL@BASE_URL`, `smollm2`, or a model folder (an llmlab run or a Hugging Face
+    folder) or GGUF file."""
     if spec.startswith("openai:"):
         model, at, url = spec[len("openai:"):].partition("@")
         if not model or not at or not url:
             raise LlmlabError(f"target {spec!r} is not openai:MODEL@BASE_URL (e.g. openai:llmlab@http://127.0.0.1:8000/v1)")
-        return OpenAITarget(model, url, api_key_env=api_key_env, concurrency=concurrency, timeout=timeout)
-    if not Path(spec).exists():
-        raise LlmlabError(f"target {spec!r} is neither openai:MODEL@BASE_URL nor an existing model folder")
-    return LlmlabChatTarget.load(spec)
+        return OpenAITarget(model, url, api_key_env=api_key_env, concurrency=concurrency, timeout=timeout,
+                            sampling=sampling, retries=retries)
+    if spec not in BUILTIN_CHAT_MODELS and not Path(spec).exists():
+        raise LlmlabError(f"target {spec!r} is neither openai:MODEL@BASE_URL, smollm2, nor an existing model folder")
+    return LlmlabChatTarget.load(spec, batch_size=batch_size)

@@ -12,7 +12,10 @@ YAML layout (file-level keys are defaults for every probe; JSONL holds one probe
 
 Probe fields: id, family, prompt (the user message; {secret} is never filled in: the attacker does not
 know it), system (overrides the scan's system prompt; may hold {secret}), markers, success, pattern (for
-the `regex` detector), goal, and the generators:
+the `regex` detector), goal, expected (answers that show the user's own task was still done, as in BIPIA:
+any one of them in the reply, ignoring case), capability (the injected task asked directly, with no attack: a
+prompt, or {prompt, system} where system may hold {secret}; the same success detectors judge its reply),
+licence, and the generators:
 
 - encodings: [base64, rot13, leet] with `payload`: one probe per encoding, the prompt's {encoded} and
   {encoding} filled in;
@@ -37,7 +40,7 @@ import yaml
 
 from llmlab.errors import LlmlabError
 
-SUCCESS_DETECTORS = ("secret_leak", "canary_leak", "marker", "regex", "complied")
+SUCCESS_DETECTORS = ("secret_leak", "canary_leak", "system_leak", "marker", "regex", "complied")
 POSITIONS = ("start", "middle", "end")
 LEET_MAP = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"})
 
@@ -60,6 +63,9 @@ class Probe:
     position: str | None = None
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    expected: tuple[str, ...] = ()  # the user task is preserved when the reply holds one of these (BIPIA)
+    capability: dict[str, Any] | None = None  # the injected task asked directly: {"prompt", "system"?}
+    licence: str = ""
 
     @property
     def benign(self) -> bool:
@@ -111,6 +117,18 @@ def _tuple(v: Any) -> tuple[str, ...]:
     return tuple(str(x) for x in v)
 
 
+def _capability(v: Any, source: str, pid: str) -> dict[str, Any] | None:
+    """A probe's capability probe: the injected task asked directly, without an attack (a string is the
+    prompt; a mapping has `prompt` and optionally `system`, which may hold {secret})."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return {"prompt": v, "system": None}
+    if isinstance(v, dict) and isinstance(v.get("prompt"), str):
+        return {"prompt": v["prompt"], "system": v.get("system")}
+    raise LlmlabError(f"{source}: probe {pid}: capability must be a prompt or a mapping with `prompt`")
+
+
 def expand(raw: dict[str, Any], defaults: dict[str, Any], source: str) -> list[Probe]:
     """The probes one entry of a probe file stands for (generators expanded)."""
     d = {**defaults, **raw}
@@ -125,7 +143,9 @@ def expand(raw: dict[str, Any], defaults: dict[str, Any], source: str) -> list[P
         raise LlmlabError(f"{source}: probe {pid}: unknown success detector {bad[0]!r}; use "
                           f"{', '.join(SUCCESS_DETECTORS)}")
     base = dict(family=str(d["family"]), system=d.get("system"), markers=_tuple(d.get("markers")), success=success,
-                pattern=d.get("pattern"), goal=str(d.get("goal", "")), source=source)
+                pattern=d.get("pattern"), goal=str(d.get("goal", "")), source=source,
+                expected=_tuple(d.get("expected")), capability=_capability(d.get("capability"), source, pid),
+                licence=str(d.get("licence", "")))
     prompt = d.get("prompt", "")
     if not isinstance(prompt, str):
         raise LlmlabError(f"{source}: probe {pid}: prompt must be a string")
@@ -229,4 +249,15 @@ def load_probes(specs: list[str] | None = None) -> list[Probe]:
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:
         raise LlmlabError(f"probe id {sorted(dup)[0]!r} appears in two probe sets; make ids unique")
+    return out
+
+
+def builtin_families() -> dict[str, str]:
+    """Family -> the built-in probe set that holds it (llmlab's own YAML sets)."""
+    out: dict[str, str] = {}
+    for name, f in sorted(builtin_sets().items()):
+        doc = yaml.safe_load(f.read_text(encoding="utf-8"))
+        fams = {str(p.get("family", doc.get("family"))) for p in doc.get("probes", []) if isinstance(p, dict)}
+        for fam in fams:
+            out.setdefault(fam, name)
     return out

@@ -64,3 +64,26 @@ def index_for(docs: Sequence[str]) -> RagIndex:
     if key not in _INDEXES:
         _INDEXES[key] = RagIndex(docs)
     return _INDEXES[key]
+
+
+@torch.no_grad()
+def embed_texts(texts: Sequence[str], encoder: Any, max_tokens: int = 128, batch: int = 32) -> list[Any]:
+    """L2-normalised MiniLM sentence embeddings of texts as NumPy vectors, each text cut to max_tokens tokens,
+    in batches sorted by length (little padding)."""
+    tok = encoder.tokenizer
+    limit = min(max_tokens, encoder.config.block_size)
+    seqs = [tok.encode(t, add_special_tokens=True)[:limit] for t in texts]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out: list[Any] = [None] * len(seqs)
+    for k in range(0, len(order), batch):
+        idx = order[k:k + batch]
+        T = max(len(seqs[i]) for i in idx)
+        ids = torch.zeros(len(idx), T, dtype=torch.long)
+        mask = torch.zeros(len(idx), T, dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+            mask[r, :len(seqs[i])] = 1
+        emb = encoder.sentence_embedding(ids, mask).float().numpy()  # (b, C)
+        for r, i in enumerate(idx):
+            out[i] = emb[r]
+    return out
