@@ -6,10 +6,14 @@ from llmlab.errors import ConfigError
 from llmlab.train.chat import AssistantObjective
 from llmlab.train.classify import ClassifyObjective
 from llmlab.train.config import RunConfig
+from llmlab.train.dpo import DPOObjective
 from llmlab.train.lm import LMObjective
 from llmlab.train.mlm import MLMObjective
 from llmlab.train.objective import Dist, Objective
+from llmlab.train.reinforce import ReinforceObjective
+from llmlab.train.reward import RewardObjective
 from llmlab.train.seq2seq import Seq2SeqObjective
+from llmlab.train.sft import SFTObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "lm": LMObjective,
@@ -17,6 +21,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "classify": ClassifyObjective,
     "seq2seq": Seq2SeqObjective,
     "assistant": AssistantObjective,
+    "sft": SFTObjective,
+    "reward": RewardObjective,
+    "dpo": DPOObjective,
+    "reinforce": ReinforceObjective,
 }
 
 ARCH_OBJECTIVE = {"gpt": "lm", "bert": "mlm", "seq2seq": "seq2seq"}
