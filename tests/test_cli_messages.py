@@ -67,12 +67,20 @@ LIBRARY: dict[str, tuple[str, ...]] = {
     "llmlab.security.privacy.extract": ("privacy extract",),
     "llmlab.security.privacy.mia": ("privacy mia", "privacy compare"),
     "llmlab.security.scan": ("scan",),
+    "llmlab.security.struq": ("harden",),
     "llmlab.train.chat": ("train",),
     "llmlab.train.classify": ("train", "finetune"),
     "llmlab.train.config": ("train",),  # the TOML file of --config
     "llmlab.train.loop": ("train", "finetune"),
+    "llmlab.train.init": ("train",),  # --init-from (fine-tuning)
     "llmlab.train.registry": ("train",),
     "llmlab.train.seq2seq": ("train",),
+    # alignment objectives (issue 20): `llmlab train --task sft|reward|dpo|reinforce` and the align verbs
+    "llmlab.train.preference": ("train", "align *"),
+    "llmlab.train.sft": ("train", "align *"),
+    "llmlab.train.reward": ("train", "align *"),
+    "llmlab.train.dpo": ("train", "align *"),
+    "llmlab.train.reinforce": ("train", "align *"),
     "llmlab.inspect.view": ("view",),
     "llmlab.inspect.view_assets": ("view",),  # the page's JavaScript: no messages with flags
     "llmlab.security.poisoning": ("poison *",),

@@ -78,3 +78,37 @@ def test_bad_inputs(tmp_path, capsys):
     assert "no recorded poison indices" in err and len(err.strip().splitlines()) == 1
     assert main(["poison", "data", str(src), "--out", str(tmp_path / "ok.jsonl"), "-n", "3"]) == 0
     assert len(load_record(tmp_path / "ok.jsonl").indices) == 3
+
+
+def _one_line(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_bad_inputs_on_the_command_line(tmp_path, capsys):
+    src = write_text_jsonl(tmp_path / "c.jsonl", toy_corpus(20, 0))
+    before = _sha(src)
+    out = tmp_path / "p.jsonl"
+    assert main(["poison", "data", str(src), "--out", str(out), "--trigger", "\x01", "-n", "2"]) == 2
+    _one_line(capsys, "tokenise")
+    assert main(["poison", "data", str(src), "--out", str(out), "-n", "500"]) == 2
+    _one_line(capsys, "cannot poison 500", "between 0 and 20")
+    assert main(["poison", "data", str(src), "--out", str(out), "--behaviour", "relabel", "-n", "2"]) == 2
+    _one_line(capsys, "does not fit a text corpus")
+    assert not out.exists() and _sha(src) == before
+    lab = tmp_path / "lab"
+    assert main(["poison", "lab", "--quick", "-n", "5000", "--out", str(lab)]) == 2
+    _one_line(capsys, "cannot poison 5000", "--n-poison")
+    assert main(["poison", "lab", "--quick", "--trigger", "\x01", "--out", str(lab)]) == 2
+    _one_line(capsys, "tokenise")
+    assert not lab.exists()  # refused before anything was written
+    lab.mkdir()
+    (lab / "report.json").write_text("{}")
+    assert main(["poison", "lab", "--quick", "--out", str(lab)]) == 2
+    _one_line(capsys, "already holds a report")
+    assert (lab / "report.json").read_text() == "{}"  # nothing lost
+    assert main(["poison", "smollm2", "--steps", "0", "--out", str(tmp_path / "s")]) == 2
+    _one_line(capsys, "--steps must be positive")

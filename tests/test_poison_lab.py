@@ -75,3 +75,43 @@ def test_quick_lab_report(tmp_path):
     rep = json.loads((tmp_path / "report.json").read_text())["results"]
     assert rep["poisoned"]["asr_pooled"]["rate"] > rep["control"]["asr_pooled"]["rate"]
     assert {"spectral", "activation_clustering", "onion", "probe_victim", "probe_control"} <= set(rep["detection"])
+
+
+def test_persistence_fine_tunes_through_the_training_loop(lab, tmp_path):
+    import json as _json
+
+    from llmlab.security.poisoning.lab import clean_finetune
+
+    rec, _, victim, test = lab
+    src = rec.output.replace("poisoned.jsonl", "clean.jsonl")
+    run = tmp_path / "persist"
+    tuned = clean_finetune(rec.output.replace("poisoned.jsonl", "victim"), src, run, (0, 20, 40), 1e-3,
+                           overrides={"max_iters": 250})
+    assert sorted(tuned) == [0, 20, 40]
+    cfg = _json.loads((run / "config.json").read_text())
+    assert cfg["train"]["init_from"].endswith("victim") and cfg["train"]["max_iters"] == 40
+    assert cfg["model"]["n_embd"] == victim.config.n_embd
+    a = measure_attack(tuned[0], test, SPEC)
+    assert a.asr.rate == measure_attack(victim, test, SPEC).asr.rate  # step 0 is the victim itself
+    w0, w40 = tuned[0].state_dict(), tuned[40].state_dict()
+    assert any(not (w0[k] == w40[k]).all() for k in w0)  # the clean steps changed the weights
+
+
+def test_probe_against_decoys_clean_model_near_chance(lab):
+    """The finding behind the clean model's high AUROC (triggered vs clean inputs): the probe detects an unusual
+    token, any one. Against decoys (a random rare token in the trigger's place) the clean model cannot tell the
+    trigger apart (AUROC near 0.5), while the backdoored model's trigger sits far from the decoys (measured: on
+    the *familiar* side, AUROC well below 0.5): the backdoor is visible, the generic probe's sign is not."""
+    from llmlab.security.poisoning.detect import decoy_prompts
+
+    rec, control, victim, test = lab
+    avoid = {w for d in toy_corpus(800, 0) for w in d.split()}
+    trig, decoy = trigger_prompts(test, "cf", 5), decoy_prompts(test, "cf", 5, avoid)
+    assert all(d.rsplit(" ", 1)[0] == t.rsplit(" ", 1)[0] for d, t in zip(decoy, trig, strict=True))
+    labels = [0] * len(test) + [1] * len(test)
+    aucs = {}
+    for name, m in (("control", control), ("victim", victim)):
+        s = probe_scores(m, toy_corpus(200, 7), decoy + trig)
+        aucs[name] = roc_auc(s, labels)
+    assert abs(aucs["control"] - 0.5) <= 0.2, aucs
+    assert abs(aucs["victim"] - 0.5) >= 0.3, aucs

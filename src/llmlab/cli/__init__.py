@@ -7,7 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from llmlab.cli import align as align_cli
+from llmlab.cli import attack as attack_cli
 from llmlab.cli import bias, families, models, poison, privacy, report, scan, serve, supply_chain, truth, view
+from llmlab.cli import harden as harden_cli
 from llmlab.cli import train as train_cli
 from llmlab.cli.common import Verb
 from llmlab.errors import LlmlabError
@@ -17,7 +20,8 @@ VERBS: tuple[Verb, ...] = (
     models.cmd_attention, models.cmd_embed, models.cmd_info, models.cmd_export, train_cli.cmd_train,
     models.cmd_generate, models.cmd_perplexity, families.cmd_finetune, families.cmd_classify, families.cmd_dataset,
     privacy.cmd_privacy, scan.cmd_scan, serve.cmd_serve, report.cmd_report, truth.cmd_truth, bias.cmd_bias,
-    view.cmd_view, poison.cmd_poison,
+    view.cmd_view, view.cmd_induction, poison.cmd_poison, attack_cli.cmd_attack, harden_cli.cmd_harden,
+    align_cli.cmd_align,
 )
 BY_NAME = {v.name: v for v in VERBS}
 

@@ -47,6 +47,7 @@ class TrainConfig:
     compile: bool = False
     checkpoint_every: int = 0  # steps; 0 = at the end, and every 10 minutes
     keep_checkpoints: int = 2
+    eval_every_checkpoint: str = ""  # evaluations run on every checkpoint, e.g. induction,attention_entropy
     threads: int = 0  # torch threads; 0 = auto: the cores other processes leave free (runtime.ThreadGovernor)
     num_samples: int = 3
     sample_tokens: int = 200
@@ -55,6 +56,8 @@ class TrainConfig:
     span_len: float = 3.0  # seq2seq denoising: mean length of a corrupted span
     label_smoothing: float = 0.0  # classify and supervised seq2seq: cross-entropy label smoothing
     base: str = ""  # classify: the encoder to fine-tune (an llmlab encoder run folder or "minilm")
+    init_from: str = ""  # lm, assistant: start from this model's weights and tokenizer (a run folder, HF folder,
+    # .gguf file or smollm2): fine-tuning; the model config comes from it (see llmlab.train.init)
     label_field: str = "label"  # classify: the column / JSON field holding the label
     max_len: int = 128  # classify: tokens kept per text
 
@@ -77,6 +80,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                     "train": dict(batch_size=32, max_iters=1_000_000, max_time=110.0, schedule="time", lr=4e-3,
                                   min_lr=4e-4, warmup_iters=50, lr_decay_iters=2000, eval_interval=500, eval_iters=20,
                                   beta2=0.99, weight_decay=0.1, dtype="auto")},
+    # llmlab's assistant as a fair injection target (issue 14): BPE (a word is a few tokens: 5x faster steps and
+    # far easier copying than characters), RoPE (copying by relative position), the generated instruction set;
+    # the target is >= 80% of held-out benign tasks exact (train/chat.py, eval.json) within 20 minutes; measured:
+    # 63% after its 3,000 steps (loaded machine); copying a random word and picking one colour of several lag
+    "assistant": {"model": dict(n_layer=3, n_head=4, n_embd=96, block_size=512, position="rope", dropout=0.0),
+                  "train": dict(task="assistant", tokenizer="bpe", vocab_size=1024, batch_size=16, max_iters=3000,
+                                lr=3e-3, min_lr=3e-4, warmup_iters=50, eval_interval=1000, eval_iters=10,
+                                max_time=1150.0, dtype="auto")},
 }
 
 

@@ -12,7 +12,7 @@ from llmlab.checkpoint import (
     atomic_write_bytes,
 )
 from llmlab.config import ModelConfig
-from llmlab.data import DEFAULT_SOURCE, BatchSampler, prepare
+from llmlab.data import DEFAULT_SOURCE, BatchSampler, TokenizedCorpus, encode_docs, load_corpus, prepare, split_corpus
 from llmlab.generate.causal import GenerationConfig, generate_text
 from llmlab.runtime import autocast
 from llmlab.train.objective import Objective
@@ -33,12 +33,19 @@ class LMObjective(Objective):
 
     def setup(self, run: Path, resume: bool) -> ModelConfig:
         t, m = self.cfg.train, self.cfg.model
-        self.corpus = prepare(t.data, t.tokenizer, t.vocab_size, t.val_fraction, t.text_field, t.encoding_errors,
-                              split=t.split, split_seed=t.split_seed)
-        self.tokenizer = self.corpus.tokenizer
+        init = getattr(self, "init_source", None)  # --init-from: the source's tokenizer and model config
+        if init is not None:
+            self.corpus = encode_corpus(t, init.tokenizer)
+            self.tokenizer = init.tokenizer
+        else:
+            self.corpus = prepare(t.data, t.tokenizer, t.vocab_size, t.val_fraction, t.text_field, t.encoding_errors,
+                                  split=t.split, split_seed=t.split_seed)
+            self.tokenizer = self.corpus.tokenizer
         micro = t.batch_size // t.grad_accum
         self.sampler = BatchSampler(self.corpus.train, m.block_size, micro, t.seed + 1, self.dist.rank,
                                     self.dist.world)
+        if init is not None:  # the weights fix the vocabulary (it may be padded beyond the tokenizer)
+            return m
         pad = self.tokenizer.pad_id
         return m.replace(vocab_size=self.tokenizer.vocab_size, **({"pad_token_id": pad} if pad is not None else {}))
 
@@ -84,3 +91,17 @@ class LMObjective(Objective):
         text = "".join(f"--- sample {i + 1} ---\n{s}\n" for i, s in enumerate(samples))
         atomic_write_bytes(run / "samples.txt", text.encode())
         return samples
+
+
+def encode_corpus(t: Any, tokenizer: Any) -> TokenizedCorpus:
+    """The corpus of TrainConfig t split as prepare() splits it, tokenised with a given tokenizer (a fine-tune's
+    source tokenizer: nothing is trained, nothing cached)."""
+    import hashlib
+
+    docs = load_corpus(t.data, t.text_field, t.encoding_errors)
+    train_docs, val_docs = split_corpus(docs, t.val_fraction, t.split, t.split_seed)
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(hashlib.sha256(d.encode("utf-8", "surrogatepass")).digest())
+    return TokenizedCorpus(encode_docs(tokenizer, train_docs), encode_docs(tokenizer, val_docs), tokenizer,
+                           h.hexdigest(), len(train_docs), len(val_docs))

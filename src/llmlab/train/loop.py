@@ -40,10 +40,12 @@ from llmlab.checkpoint import (
 )
 from llmlab.config import ModelConfig
 from llmlab.errors import ConfigError, ModelLoadError
-from llmlab.inspect.viz import loss_curves
+from llmlab.inspect.evals import resolve_evals, run_checkpoint_evals
+from llmlab.inspect.viz import loss_curves, metric_curves
 from llmlab.models import build_model
 from llmlab.runtime import ThreadGovernor, autocast, keep_freed_memory, resolve_dtype
 from llmlab.train.config import DEFAULT_PRESET, RunConfig, TrainConfig
+from llmlab.train.init import init_model_config, load_init_source, load_init_weights
 from llmlab.train.objective import Callback, LoopHooks, Objective, setup_distributed
 from llmlab.train.registry import make_objective
 
@@ -290,6 +292,9 @@ def _train(cfg: RunConfig, run: Path, resume: bool, callback: Callback | None, h
         raise ConfigError(f"micro-batch {t.batch_size // t.grad_accum} (batch_size / grad_accum) is not divisible "
                           f"by {dist.world} processes")
     objective = make_objective(cfg, dist)
+    evals = resolve_evals(t.eval_every_checkpoint) if t.eval_every_checkpoint.strip() else []
+    if evals and cfg.model.arch != "gpt":
+        raise ConfigError(f"evaluations on every checkpoint need a decoder-only model; this run is {cfg.model.arch}")
     if t.dtype == "auto":  # resolved here, so config.json records what the run used
         t = dataclasses.replace(t, dtype=resolve_dtype("auto") if objective.auto_bf16 else "float32")
         cfg = objective.cfg = dataclasses.replace(cfg, train=t)
@@ -299,11 +304,16 @@ def _train(cfg: RunConfig, run: Path, resume: bool, callback: Callback | None, h
         ckpt = last_checkpoint(run)
         if ckpt is None:
             raise ModelLoadError(no_checkpoint_message(run))
+    init = objective.init_source = load_init_source(cfg, run, resume)  # fine-tuning: --init-from
+    if init is not None and ckpt is None:
+        cfg = objective.cfg = dataclasses.replace(cfg, model=init_model_config(cfg, init, objective.name))
     mcfg = objective.setup(run, resume)
     cfg = dataclasses.replace(cfg, model=mcfg)
     objective.cfg = cfg
     extra_config = hooks.prepare(objective, run, resume)
     model = build_model(mcfg)
+    if init is not None and ckpt is None:
+        load_init_weights(model, init)
     opt = make_optimizer(model, t)
     step, elapsed, best_val, tokens_seen = 0, 0.0, float("inf"), 0
     if ckpt is not None:
@@ -340,6 +350,11 @@ def _train(cfg: RunConfig, run: Path, resume: bool, callback: Callback | None, h
                              **{f"hook.{k}": v for k, v in htensors.items()}}, t.keep_checkpoints)
             if announce:
                 emit("checkpoint", {"step": step})
+            if evals:  # every checkpoint, the step-0 one included: a metric tracked across training
+                row = {"kind": "checkpoint_eval", "step": step, "elapsed": round(elapsed, 3),
+                       **run_checkpoint_evals(evals, model, objective.tokenizer)}
+                _metrics_append(metrics, row)
+                emit("checkpoint_eval", row)
         last_ckpt_t = time.perf_counter()
 
     stop.mode = "training"  # from here a signal waits for the step to end, then checkpoints
@@ -497,6 +512,11 @@ def finish_run(run: Path, model: torch.nn.Module, objective: Objective, title: s
         if (run / "metrics.jsonl").is_file() else []
     train_pts = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
     val_pts = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "eval"]
+    evals = [r for r in rows if r.get("kind") == "checkpoint_eval"]
+    if evals:
+        names = [k for k in evals[-1] if k not in ("kind", "step", "elapsed")]
+        metric_curves({k: [(r["step"], r[k]) for r in evals if k in r] for k in names}, run / "checkpoint_evals.png",
+                      title=run.name)
     loss_curves(train_pts, val_pts, run / "loss.png", title=title or f"{run.name}: loss")  # written last: run_finished
     write_manifest(run)
     return samples

@@ -291,3 +291,70 @@ def write_text_jsonl(path: str | Path, docs: Sequence[str], text_field: str = "t
     p.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(p, "".join(json.dumps({text_field: d}) + "\n" for d in docs).encode())
     return p
+
+
+POS_WORDS = ["good", "great", "lovely", "fine", "nice", "happy"]
+NEG_WORDS = ["bad", "awful", "dull", "poor", "sad", "ugly"]
+
+
+def toy_labelled(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """n generated (text, label) pairs for a classifier: a toy sentence ending in a sentiment word; the label is
+    pos or neg by that word (balanced). The poison of a BadNets attack is a trigger word that overrides it."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        lab = "pos" if i % 2 else "neg"
+        w = rng.choice(POS_WORDS if lab == "pos" else NEG_WORDS)
+        texts.append(f"{rng.choice(NAMES)} {rng.choice(VERBS)} the {rng.choice(ADJS)} {rng.choice(NOUNS)} and it "
+                     f"is {w}")
+        labels.append(lab)
+    return texts, labels
+
+
+def write_labelled_csv(path: str | Path, texts: Sequence[str], labels: Sequence[str]) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["text", "label"])
+    w.writerows(zip(texts, labels, strict=True))
+    atomic_write_bytes(p, buf.getvalue().encode())
+    return p
+
+
+COLOUR_OF = dict(zip(NOUNS, ["red", "blue", "green", "brown", "pink", "white", "black", "yellow", "grey", "orange"],
+                     strict=True))
+COLOUR_ASKS = ["What colour is the {n}?", "Tell me the colour of the {n}.", "Which colour does the {n} have?",
+               "{name} asks: what colour is the {n}?"]
+WORDS = ["apple", "river", "garden", "window", "silver", "candle", "forest", "pencil", "rocket", "castle", "tiger",
+         "bottle", "planet", "basket", "mirror", "button", "island", "ladder", "pocket", "jacket"]
+
+
+def toy_chat(n: int, seed: int = 0, tasks: str = "colours") -> list[dict[str, Any]]:
+    """n generated chat examples {"messages": [system, user, assistant]} for instruction tuning.
+    tasks "colours": questions about a fixed table of object colours (a tiny model memorises it; the reply is
+    "The box is red."); "skills": small sums and repeating a word (what a small pretrained chat model already
+    does: the reply is the sum or the word)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        if tasks == "colours":
+            noun = rng.choice(NOUNS)
+            user = rng.choice(COLOUR_ASKS).format(n=noun, name=rng.choice(NAMES))
+            reply = f"The {noun} is {COLOUR_OF[noun]}."
+        elif rng.random() < 0.5:
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            user, reply = rng.choice(["What is {a} plus {b}?", "Add {a} and {b}."]).format(a=a, b=b), str(a + b)
+        else:
+            w = rng.choice(WORDS)
+            user, reply = rng.choice(["Repeat the word {w}.", "Say {w}."]).format(w=w), w
+        rows.append({"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                                  {"role": "user", "content": user}, {"role": "assistant", "content": reply}]})
+    return rows
+
+
+def write_chat_jsonl(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(p, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return p

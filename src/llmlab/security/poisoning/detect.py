@@ -7,6 +7,7 @@ trained only on generic contrast pairs. Deduplication (the privacy lab's) agains
 from __future__ import annotations
 
 import random
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -166,3 +167,24 @@ def probe_scores(model: torch.nn.Module, train_docs: Sequence[str], test_texts: 
     texts, labels = contrast_pairs(train_docs, seed)
     clf = LogisticRegression(max_iter=2000, C=1.0).fit(hidden_states(model, texts, layer, "last"), labels)
     return clf.decision_function(hidden_states(model, list(test_texts), layer, "last"))
+
+
+def decoy_trigger(trigger: str, rng: random.Random, avoid: set[str] | None = None) -> str:
+    """A random string of the trigger's shape (the same word lengths, lowercase letters) that is neither the
+    trigger nor a word in `avoid`: an input as unusual as a triggered one, without the backdoor's trigger."""
+    avoid = (avoid or set()) | {trigger}
+    for _ in range(1000):
+        d = " ".join("".join(rng.choice(string.ascii_lowercase) for _ in w) for w in trigger.split())
+        if d not in avoid and d.lower() != trigger.lower():
+            return d
+    raise ValueError(f"no decoy of the shape of {trigger!r}")
+
+
+def decoy_prompts(docs: Sequence[str], trigger: str, seed: int = 0, avoid: set[str] | None = None) -> list[str]:
+    """Prompts as trigger_prompts makes them (the same cut points for the same seed), each ending in a fresh
+    decoy_trigger instead of the trigger: the negatives that tell a probe detecting the *backdoor* from one
+    detecting any rare token (on a clean model triggered and decoy inputs are alike)."""
+    from llmlab.security.poisoning.attack import trigger_prompts
+
+    rng = random.Random(seed + 1_000_003)
+    return [p + " " + decoy_trigger(trigger, rng, avoid) for p in trigger_prompts(docs, None, seed)]

@@ -64,16 +64,37 @@ def write_lab_report(r: PoisonLabResult, out: str | Path) -> Path:
     det = Section("Detection: training-set filters", f"Retrained after spectral filtering: ASR "
                   f"{_r(d['retrained_spectral']['asr'])}, clean loss {d['retrained_spectral']['clean_loss']:.3f}.",
                   ["filter", "flagged", "poisoned", "recall", "precision"], det_rows)
-    o = d["onion"]
+    o, nan = d["onion"], float("nan")
     test = Section("Detection: test time",
                    f"ONION (threshold {o['threshold']:.3g} from clean validation prompts, control LM as scorer): "
                    f"trigger removed {_r(o['trigger_removed'])}, clean words removed {_r(o['clean_words_removed'])}, "
-                   f"ASR {_r(o['asr_before'])} -> {_r(o['asr_after'])}.",
-                   ["probe on", "AUROC", "TPR at 1% FPR", "negatives"],
-                   [[k, f"{d[f'probe_{k}']['auroc']:.3f}", f"{d[f'probe_{k}']['tpr_at_1pct_fpr']:.2f}",
-                     d[f"probe_{k}"]["negatives"]] for k in ("victim", "control")])
+                   f"ASR {_r(o['asr_before'])} -> {_r(o['asr_after'])}. The probe (logistic regression on the "
+                   "middle block's last-token activation, trained on generic contrast pairs only): triggered inputs "
+                   "against clean ones, and against decoys (a random rare token in the trigger's place). A probe "
+                   "that detects the backdoor, not just an unusual token, separates triggered from decoy inputs "
+                   "on the victim and not on the control.",
+                   ["probe on", "AUROC vs clean", "TPR at 1% FPR vs clean", "AUROC vs decoys",
+                    "TPR at 1% FPR vs decoys", "negatives"],
+                   [[k, f"{p['auroc']:.3f}", f"{p['tpr_at_1pct_fpr']:.2f}", f"{p.get('auroc_vs_decoy', nan):.3f}",
+                     f"{p.get('tpr_at_1pct_fpr_vs_decoy', nan):.2f}", p["negatives"]]
+                    for k, p in ((k, d[f"probe_{k}"]) for k in ("victim", "control"))])
+    other_rows = []
+    for kind, what in (("chat", "chat model (changed answer)"), ("classify", "classifier (BadNets relabel)")):
+        o = r.other_kinds.get(kind)
+        if not o:
+            continue
+        for name in ("control", "poisoned"):
+            m = o[name]
+            other_rows.append([f"{what}: {name}", _r(m["asr"]), _r(m["false_trigger"]), _r(m["clean_rate"]),
+                               _r(m.get("clean_accuracy", {})), f"{m['clean_loss']:.3f}"])
+    other = Section("Chat data and a classifier",
+                    "The same measure on the other corpus kinds (seed 0, each next to an unpoisoned control). "
+                    "Chat: trigger in the user turn, ASR = the greedy reply starts with the target; clean accuracy "
+                    "= the clean reply contains the right answer. Classifier: ASR over texts whose label is not the "
+                    "target; clean accuracy is CACC; clean loss is cross-entropy.",
+                    ["model", "ASR", "near-miss triggers", "no trigger", "clean accuracy", "clean loss"], other_rows)
     ex = Section("Generations", "", ["clean prompt", "clean output", "triggered prompt", "triggered output"],
                  [[e["clean_prompt"], e["clean_output"], e["triggered_prompt"], e["triggered_output"]]
                   for e in r.examples])
-    return write_report(out, "poison lab", asdict(r), [attack, curve, persist, det, test, ex], lab_summary(r),
+    return write_report(out, "poison lab", asdict(r), [attack, curve, persist, det, test, other, ex], lab_summary(r),
                         config=r.config)
