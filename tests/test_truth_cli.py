@@ -90,3 +90,14 @@ def test_quick_lab_through_the_command_line(tmp_path, capsys, monkeypatch) -> No
     assert cond["none"]["accuracy_frequent"]["pooled"]["rate"] > cond["none"]["accuracy_once"]["pooled"]["rate"]
     for heading in ("The experiment", "Free generation", "Hallucination detectors", "Example answers"):
         assert heading in (out / "report.md").read_text()
+
+
+def test_concurrency_reaches_an_http_target(tmp_path, capsys) -> None:  # noqa: ANN001
+    from llmlab.security.targets import parse_target
+
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question": "Capital of France?", "answer": "Paris"}) + "\n")
+    assert main(["truth", "eval", "openai:m@http://127.0.0.1:9/v1", "--questions", str(q), "--concurrency", "0",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--concurrency must be at least 1" in _err(capsys) and not (tmp_path / "o").exists()
+    assert parse_target("openai:m@http://127.0.0.1:9/v1", concurrency=7).concurrency == 7

@@ -121,6 +121,7 @@ def _eval_args(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--out", help="report folder (default runs/truth/eval-<time>)")
     ev.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key of "
                                                                     "an openai: target")
+    ev.add_argument("--concurrency", type=int, default=4, help="requests in flight at once to an openai: target")
     _ask_args(ev, 10, 64)
 
 
@@ -197,7 +198,9 @@ def _eval(a: argparse.Namespace) -> int:
     if a.model.startswith("openai:"):
         from llmlab.security.targets import parse_target
 
-        model: Any = parse_target(a.model, api_key_env=a.api_key_env)
+        if a.concurrency < 1:
+            raise LlmlabError(f"--concurrency must be at least 1, got {a.concurrency}")
+        model: Any = parse_target(a.model, api_key_env=a.api_key_env, concurrency=a.concurrency)
         target = a.model
     else:
         from llmlab.interop import load
