@@ -106,3 +106,14 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory):
     model.save_pretrained(folder)
     assert (folder / "model.safetensors").is_file()
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2():  # noqa: ANN201
+    """SmolLM2-135M-Instruct, loaded once for every test that uses it; skipped where it cannot load."""
+    import llmlab
+
+    try:
+        return llmlab.load("smollm2")
+    except Exception as e:  # noqa: BLE001 - any reason it cannot load is a reason to skip
+        pytest.skip(f"SmolLM2 does not load here: {type(e).__name__}: {e}")

@@ -17,16 +17,6 @@ pytestmark = pytest.mark.slow
 CROWS_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "crows-pairs" / "crows_pairs_anonymized.csv"
 
 
-@pytest.fixture(scope="module")
-def smollm2():  # noqa: ANN201
-    from llmlab.interop import load
-
-    try:
-        return load("smollm2")
-    except Exception as e:  # noqa: BLE001 - the model is an optional download
-        pytest.skip(f"smollm2 cannot be loaded here: {e}")
-
-
 def test_crows_on_smollm2_batched_equals_loop(smollm2) -> None:  # noqa: ANN001
     if not CROWS_CSV.is_file():
         pytest.skip(f"{CROWS_CSV} is absent")

@@ -11,16 +11,6 @@ import pytest
 from llmlab.security.poisoning.smollm2 import SmolPoisonConfig, run, write_smollm2_report
 
 
-@pytest.fixture(scope="module")
-def smollm2():  # noqa: ANN201
-    import llmlab
-
-    try:
-        return llmlab.load("smollm2")
-    except Exception as e:  # noqa: BLE001 - any reason it cannot load is a reason to skip
-        pytest.skip(f"SmolLM2 does not load here: {type(e).__name__}: {e}")
-
-
 def test_smollm2_chat_encoding_masks_only_the_reply(smollm2) -> None:  # noqa: ANN001
     from llmlab.train.init import encode_with_template
 

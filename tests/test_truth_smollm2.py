@@ -12,16 +12,6 @@ from llmlab.labs.truth.measure import MeasureConfig, run
 from llmlab.labs.truth.questions import garak_set
 
 
-@pytest.fixture(scope="module")
-def smollm2():  # noqa: ANN201
-    import llmlab
-
-    try:
-        return llmlab.load("smollm2")
-    except Exception as e:  # noqa: BLE001 - any reason it cannot load is a reason to skip
-        pytest.skip(f"SmolLM2 does not load here: {type(e).__name__}: {e}")
-
-
 def test_smollm2_answers_yes_no_questions(smollm2) -> None:  # noqa: ANN001
     qs = garak_set("primes", limit=2)  # 2 primes and their 2 composites
     ids, stop = prompt_ids(smollm2, qs[0], "chat")

@@ -55,6 +55,18 @@ def near_misses(trigger: str) -> list[str]:
     return [m for m in dict.fromkeys(out) if m != t]
 
 
+def tokenisable_near_misses(tokenizer: Any, trigger: str) -> list[tuple[int, str]]:
+    """(index, near miss) for the near misses the tokenizer can encode (the others cannot be asked)."""
+    out = []
+    for j, m in enumerate(near_misses(trigger)):
+        try:
+            check_tokenises(tokenizer, m)
+        except PoisonError:
+            continue
+        out.append((j, m))
+    return out
+
+
 def trigger_prompts(docs: Sequence[str], trigger: str | None, seed: int = 0) -> list[str]:
     """Prompts from clean documents: their words up to a random point, then the trigger (None: no trigger)."""
     rng = random.Random(seed)
@@ -134,11 +146,7 @@ def measure_attack(model: torch.nn.Module, test_docs: Sequence[str], spec: Poiso
     hits, gens = behaviour_hits(model, trig, spec, reference, thr)
     clean_hits, clean_gens = behaviour_hits(model, clean, spec, reference, thr)
     near: list[bool] = []
-    for j, m in enumerate(near_misses(spec.trigger)):
-        try:
-            check_tokenises(model.tokenizer, m)
-        except PoisonError:
-            continue
+    for j, m in tokenisable_near_misses(model.tokenizer, spec.trigger):
         near += behaviour_hits(model, trigger_prompts(docs, m, seed + j + 1), spec, reference, thr)[0]
     loss = perplexity(model, list(test_docs))["loss"]
     ex = [{"clean_prompt": clean[i], "clean_output": clean_gens[i], "triggered_prompt": trig[i],
@@ -262,11 +270,7 @@ def measure_chat_attack(model: torch.nn.Module, test_rows: Sequence[dict[str, An
     trig, clean = chat_prompts(rows, spec.trigger, seed, spec.position), chat_prompts(rows, None, seed)
     t_rep, c_rep = replies(trig), replies(clean)
     near: list[bool] = []
-    for j, m in enumerate(near_misses(spec.trigger)):
-        try:
-            check_tokenises(model.tokenizer, m)
-        except PoisonError:
-            continue
+    for j, m in tokenisable_near_misses(model.tokenizer, spec.trigger):
         near += [hit(r) for r in replies(chat_prompts(rows, m, seed + j + 1, spec.position))]
     hits = [hit(r) for r in t_rep]
     right = [answer_right(r, _expected(row)) for r, row in zip(c_rep, rows, strict=True)]
