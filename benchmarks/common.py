@@ -49,9 +49,12 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> floa
     return statistics.median(ts)
 
 
+_LOAD_AT_START = os.getloadavg()[0]  # when the benchmark's process imported this module
+
+
 def machine() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
-            platform.machine(), "loadavg_start": os.getloadavg()[0]}
+            platform.machine(), "loadavg_start": _LOAD_AT_START}
 
 
 def write_result(name: str, data: dict) -> Path:
