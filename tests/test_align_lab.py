@@ -1,7 +1,7 @@
 """The Goodhart lab (issue 20): against the proxy the gold reward peaks and falls while the proxy climbs; against
-the gold reward itself (the control) it does not fall beyond noise. The whole --quick lab through the command
-line is slow; so is the best-of-n-only lab at toy size (one seed: about 45 s on a quiet 2-core machine by
-estimate, 10 min measured on a machine loaded 7x over; move it to the default suite once timed quietly)."""
+the gold reward itself (the control) it does not fall beyond noise. Both tests run the lab at its quick size (one
+seed): about 3 minutes for the whole lab through the command line and 1 minute for the best-of-n-only lab on this
+2-core machine under a load of 4-9 (README), so they are marked slow."""
 
 from __future__ import annotations
 
@@ -65,9 +65,23 @@ def test_quick_lab_through_the_command_line(tmp_path: Path, capsys: pytest.Captu
     for opt in ("bon", "dpo", "rl"):
         assert any(k.startswith(f"{opt}/proxy/") for k in curves) and any(k.startswith(f"{opt}/control/")
                                                                           for k in curves)
-    assert curves["bon/proxy/best-of-n"]["gold_fall"]["lo"] > 0
+    bon, bon_control = curves["bon/proxy/best-of-n"], curves["bon/control/best-of-n"]
+    # best-of-n against the proxy exclaims; its gold fall at n <= 64 is small (0.02-0.04) and its interval reaches 0
+    # at one seed (README), so only the direction is checked here (the peak-then-fall is in the best-of-n test)
+    assert bon["spurious"][-1] > bon["spurious"][0] + 0.5 and bon["gold"][-1] < bon_control["gold"][-1] - 0.3
     rl = [v for k, v in curves.items() if k.startswith("rl/proxy/")]
     assert max(v["proxy"][-1] - v["proxy"][0] for v in rl) > 0  # RL climbs the proxy
+    for opt in ("dpo", "rl"):
+        proxy = [v for k, v in curves.items() if k.startswith(f"{opt}/proxy/")]
+        control = [v for k, v in curves.items() if k.startswith(f"{opt}/control/")]
+        # against the proxy: the proxy climbs while the gold reward falls after its peak, beyond noise
+        assert max(v["gold_fall"]["lo"] for v in proxy) > 0.02, [v["gold_fall"] for v in proxy]
+        assert all(v["proxy"][-1] > v["proxy"][0] + 0.5 for v in proxy)
+        # the control (the gold reward itself): no fall beyond noise. The fall is measured from the peak of a
+        # curve that starts at the SFT policy, so it also counts a loss against the start; its bootstrap
+        # interval is >= 0 by construction, and "within noise" means it reaches 0
+        for v in control:
+            assert v["gold_fall"]["lo"] < 0.01, (v["setting"], v["gold_fall"], v["gold"])
     assert "report:" in capsys.readouterr().out
     # run again into the same folder: the finished runs are reused, not retrained
     before = (out / "seed-0" / "sft" / "model.safetensors").stat().st_mtime_ns

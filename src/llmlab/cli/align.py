@@ -1,6 +1,6 @@
 """`llmlab align goodhart|sft|rm|dpo|bon`: how LLMs are tuned, and how optimising a proxy goes wrong.
 
-    llmlab align goodhart --quick                        the Goodhart lab at toy size (about a minute on 2 cores)
+    llmlab align goodhart --quick                        the Goodhart lab at toy size (one seed, a few minutes)
     llmlab align sft --data demos.jsonl --out runs/sft   supervised fine-tuning ({"prompt", "completion"})
     llmlab align rm --data pairs.jsonl --base runs/sft --out runs/rm     a reward model (Bradley-Terry)
     llmlab align dpo --data pairs.jsonl --base runs/sft --beta 0.1 --loss ipo --out runs/dpo
@@ -40,16 +40,16 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                                    "label noise and a planted \"!\", then optimise against the proxy (and, as the "
                                    "control, against the gold reward) with best-of-n, DPO and REINFORCE + KL, "
                                    "measuring proxy and gold reward against KL with Gao et al.'s fits.")
-    g.add_argument("--quick", action="store_true", help="the toy size: about a minute on 2 cores")
+    g.add_argument("--quick", action="store_true", help="the toy size: one seed, a few minutes on 2 cores")
     g.add_argument("--out", help="experiment folder (default runs/align/goodhart-<time>); run again to reuse its "
                                  "finished runs")
-    g.add_argument("--seeds", help="seeds, comma-separated (default 0,1,2; quick 0,1)")
+    g.add_argument("--seeds", help="seeds, comma-separated (default 0,1,2; quick 0)")
     g.add_argument("--optimisers", help=f"comma-separated from {', '.join(OPTIMISERS)} (default all)")
     g.add_argument("--rewards", help=f"comma-separated from {', '.join(REWARDS)} (default both; control = the gold "
                                      "reward itself)")
     g.add_argument("--ns", help="best-of-n sizes, comma-separated, with 1 (default 1,2,4,...,256; quick up to 64)")
-    g.add_argument("--betas", help="DPO betas, comma-separated, each > 0 (default 0.03,0.1,0.5)")
-    g.add_argument("--kl-coefs", help="RL KL coefficients, comma-separated, each >= 0 (default 0,0.03,0.15)")
+    g.add_argument("--betas", help="DPO betas, comma-separated, each > 0 (default 0.1,0.5; quick 0.1)")
+    g.add_argument("--kl-coefs", help="RL KL coefficients, comma-separated, each >= 0 (default 0,0.1)")
     g.add_argument("--label-noise", type=float, help="share of the proxy's training pairs flipped (default 0.2)")
     g.add_argument("--spurious-rate", type=float, help="share of pairs whose preferred answer is made to end "
                                                        "with \"!\" (default 0.7)")

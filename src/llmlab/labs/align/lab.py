@@ -55,40 +55,45 @@ register_reward(GOLD_FN, gold_rewards)
 
 @dataclass
 class LabConfig:
-    """The Goodhart lab. Defaults: the full lab (about 10 minutes on 2 cores); quick_config(): toy size."""
+    """The Goodhart lab. Defaults: the full lab (23.5 min measured on 2 cores under a load of 4-9; goal < 15 min
+    quiet, not yet timed quietly); quick_config(): toy size, one seed."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
     optimisers: tuple[str, ...] = OPTIMISERS
     rewards: tuple[str, ...] = REWARDS
     task: TaskConfig = field(default_factory=TaskConfig)
     model: dict[str, Any] = field(default_factory=lambda: dict(n_layer=2, n_head=4, n_embd=96, block_size=112))
-    n_sft: int = 4000
-    n_pairs: int = 3000
-    n_gold_pairs: int = 400  # held-out pairs labelled by the gold reward alone (no noise, no plant)
-    n_train_prompts: int = 512  # prompts for DPO's sampled pairs and for RL
-    n_eval_prompts: int = 64
-    sft_iters: int = 1500
-    rm_iters: int = 600
+    n_sft: int = 3000
+    n_pairs: int = 2000
+    n_gold_pairs: int = 300  # held-out pairs labelled by the gold reward alone (no noise, no plant)
+    n_train_prompts: int = 384  # prompts for DPO's sampled pairs and for RL
+    n_eval_prompts: int = 48
+    sft_iters: int = 600
+    rm_iters: int = 250
     bon_ns: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    dpo_betas: tuple[float, ...] = (0.03, 0.1, 0.5)
-    dpo_iters: int = 240
-    dpo_lr: float = 1e-3
-    rl_kl: tuple[float, ...] = (0.0, 0.03, 0.15)
-    rl_iters: int = 160
-    rl_lr: float = 1e-3
+    dpo_betas: tuple[float, ...] = (0.1, 0.5)
+    dpo_iters: int = 80
+    # lr 1e-3 over-tunes DPO even against the gold reward itself (the control's gold fell 0.23 -> 0.03 at KL 20-30);
+    # at 1e-4 the control keeps its gold within noise while the proxy's falls (README, issue 20)
+    dpo_lr: float = 1e-4
+    rl_kl: tuple[float, ...] = (0.0, 0.1)
+    rl_iters: int = 60
+    rl_lr: float = 1e-4  # 1e-3 made even the control unstable (KL jumping 6 -> 36 -> 8, gold falling)
     rl_prompts: int = 8  # prompts per RL step (each sampled rl_samples times)
     rl_samples: int = 4
-    points: int = 6  # evaluations along each DPO / RL run (plus the SFT policy at step 0)
+    points: int = 5  # evaluations along each DPO / RL run (plus the SFT policy at step 0)
     eval_samples: int = 4  # samples per evaluation prompt at each point
-    max_new_tokens: int = 32
+    max_new_tokens: int = 28
     bootstrap: int = 1000
+    control_all_settings: bool = True  # False: the control runs only the first beta / KL coefficient
 
     @classmethod
     def quick_config(cls) -> LabConfig:
-        """Toy size, every stage exercised, the same report (about a minute on 2 cores)."""
-        return cls(seeds=(0, 1), n_sft=2000, n_pairs=1500, n_gold_pairs=200, n_train_prompts=256, n_eval_prompts=32,
-                   sft_iters=500, rm_iters=250, bon_ns=(1, 2, 4, 8, 16, 32, 64), dpo_betas=(0.1, 0.5), dpo_iters=80,
-                   rl_kl=(0.0, 0.1), rl_iters=60, points=4, eval_samples=4, max_new_tokens=28, bootstrap=400)
+        """Toy size, every stage exercised, the same report (one seed; 3 min measured under a load of 4)."""
+        return cls(seeds=(0,), n_sft=2000, n_pairs=1500, n_gold_pairs=200, n_train_prompts=256, n_eval_prompts=32,
+                   sft_iters=300, rm_iters=150, bon_ns=(1, 2, 4, 8, 16, 32, 64), dpo_betas=(0.1,), dpo_iters=60,
+                   rl_kl=(0.0, 0.1), rl_iters=48, points=4, eval_samples=4, max_new_tokens=28, bootstrap=400,
+                   control_all_settings=False)
 
     def validate(self) -> None:
         bad = [o for o in self.optimisers if o not in OPTIMISERS]
@@ -264,8 +269,12 @@ def run(config: LabConfig, model: Any = None, progress: Progress | None = None, 
     def tick(name: str, t: float) -> None:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
 
-    n_runs = len(c.seeds) * (2 + ("dpo" in c.optimisers) * len(c.rewards) * len(c.dpo_betas)
-                             + ("rl" in c.optimisers) * len(c.rewards) * len(c.rl_kl) + ("bon" in c.optimisers))
+    def settings(kind: str, values: tuple[float, ...]) -> tuple[float, ...]:
+        return values if kind == "proxy" or c.control_all_settings else values[:1]
+
+    n_runs = len(c.seeds) * (2 + ("bon" in c.optimisers)
+                             + ("dpo" in c.optimisers) * sum(len(settings(k, c.dpo_betas)) for k in c.rewards)
+                             + ("rl" in c.optimisers) * sum(len(settings(k, c.rl_kl)) for k in c.rewards))
     with Stage(progress, "Goodhart lab (runs)", n_runs) as st:
         for seed in c.seeds:
             sd = out / f"seed-{seed}"
@@ -338,9 +347,9 @@ def run(config: LabConfig, model: Any = None, progress: Progress | None = None, 
 
             jobs: list[tuple[str, str, float]] = []
             if "dpo" in c.optimisers:
-                jobs += [("dpo", kind, b) for kind in c.rewards for b in c.dpo_betas]
+                jobs += [("dpo", kind, b) for kind in c.rewards for b in settings(kind, c.dpo_betas)]
             if "rl" in c.optimisers:
-                jobs += [("rl", kind, k) for kind in c.rewards for k in c.rl_kl]
+                jobs += [("rl", kind, k) for kind in c.rewards for k in settings(kind, c.rl_kl)]
             dpo_data: dict[str, Path] = {}
             for opt, kind, val in jobs:
                 t = time.perf_counter()
