@@ -83,6 +83,34 @@ def test_kv_cache_equals_recompute_batched(model: torch.nn.Module) -> None:
         assert len(row) == 5
 
 
+def test_finished_rows_leave_the_batch_without_changing_the_others(model: torch.nn.Module) -> None:
+    """Rows that reach eos (or are ended by the caller) are packed out of the batch, KV caches included: every
+    row still equals its own one-at-a-time generation, cut at its first eos."""
+    texts = ["the b", "a dog ran in the park.\nthe", "the cat sat on", "a d", "the bird sang a", "t"]
+    prompts = [enc(model, t) for t in texts]
+    cfg = greedy(max_new_tokens=20)
+    alone = [generate_ids(model, [p], cfg)[0] for p in prompts]  # no eos: the full 20 tokens
+    eos = enc(model, ".")[0]
+    cut = [row[: row.index(eos) + 1] if eos in row else row for row in alone]
+    assert len({len(r) for r in cut}) >= 3  # rows end at different steps: the batch is packed several times
+    steps: list[int] = []
+    got = generate_ids(model, prompts, cfg, eos_id=eos, on_step=lambda nxt, act: steps.append(int(act.sum())) or False)
+    assert got == cut
+    assert steps[-1] < len(prompts)  # at the end fewer rows were decoded than the batch started with
+    # rows the caller ends (here: after 3 tokens, the even rows) stop and leave too; the others are unchanged
+    n = [0]
+    flags = [False] * len(prompts)
+
+    def step(nxt: torch.Tensor, act: torch.Tensor) -> bool:
+        n[0] += 1
+        if n[0] == 3:
+            flags[0::2] = [True] * len(flags[0::2])
+        return False
+
+    got = generate_ids(model, prompts, cfg, on_step=step, ended=lambda: flags)
+    assert [len(r) for r in got[0::2]] == [3] * 3 and got[1::2] == alone[1::2]
+
+
 def test_left_pad() -> None:
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]

@@ -52,6 +52,13 @@ def test_shared_prefix_sampling_decodes_like_one_at_a_time(model) -> None:  # no
     shared = sample_shared(model, prompts, 3, ("\n", "."), cfg, 1e-5, 0, quiet)
     one = _generate(model, prompts, ("\n", "."), AskConfig(max_new_tokens=9, batch_size=1), 0.0, 0, quiet)
     assert all(rows == [g] * 3 for rows, g in zip(shared, one)), (shared, one)
+    # a stop string that ends rows at different steps: ended rows leave the batch, the rest decode unchanged
+    free = _generate(model, prompts, (), AskConfig(max_new_tokens=9, batch_size=1), 0.0, 0, quiet)
+    stop = (free[0][2],)
+    one = _generate(model, prompts, stop, AskConfig(max_new_tokens=9, batch_size=1), 0.0, 0, quiet)
+    assert len({len(g) for g in one}) >= 2, one  # the rows end at different steps
+    shared = sample_shared(model, prompts, 3, stop, cfg, 1e-5, 0, quiet)
+    assert all(rows == [g] * 3 for rows, g in zip(shared, one)), (shared, one)
     # at temperature 1 the rows differ, and the same seed gives the same samples
     a = sample_shared(model, prompts, 4, ("\n",), cfg, 1.0, 7, quiet)
     assert a == sample_shared(model, prompts, 4, ("\n",), cfg, 1.0, 7, quiet)

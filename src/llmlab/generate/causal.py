@@ -156,17 +156,22 @@ class decode_layout:  # noqa: N801 - used as a context manager
 @torch.inference_mode()
 def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
                  eos_id: int | None = None, pad_id: int = 0,
-                 on_step: Callable[[torch.Tensor, torch.Tensor], bool] | None = None) -> list[list[int]]:
+                 on_step: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
+                 ended: Callable[[], Sequence[bool]] | None = None) -> list[list[int]]:
     """New token ids for each prompt. Prompts must fit the context (see generate_text). on_step receives
     the new tokens (B,) and which rows were still active after each step, and returns True to stop
-    early. Rows that reached eos get pad."""
+    early; ended() (optional) says which rows the caller has ended (e.g. at a stop string). Rows that
+    reached eos or were ended get pad and leave the batch: once a quarter of the rows still decoded have
+    ended, the rest are packed together (their KV caches too), so a batch costs what its unfinished
+    rows cost, not what its longest row costs."""
     with decode_layout(model):
-        return _generate_ids(model, prompts, cfg, eos_id, pad_id, on_step)
+        return _generate_ids(model, prompts, cfg, eos_id, pad_id, on_step, ended)
 
 
 def _generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
                   eos_id: int | None, pad_id: int,
-                  on_step: Callable[[torch.Tensor, torch.Tensor], bool] | None) -> list[list[int]]:
+                  on_step: Callable[[torch.Tensor, torch.Tensor], bool] | None,
+                  ended: Callable[[], Sequence[bool]] | None = None) -> list[list[int]]:
     cfg.validate()
     block = model.config.block_size
     if any(len(p) == 0 for p in prompts):
@@ -175,8 +180,9 @@ def _generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg:
     ids, mask = left_pad(prompts, pad_id)
     B = ids.size(0)
     padded = bool((mask == 0).any())
-    out = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
+    out: list[list[int]] = [[] for _ in range(B)]
+    rows = torch.arange(B)  # the prompt each row still decoded belongs to
+    done = torch.zeros(B, dtype=torch.bool)  # per row still decoded
     caches = model.new_caches() if cfg.use_cache else None
     counts = torch.zeros(B, model.config.vocab_size) if cfg.counts_tokens else None
     seqs, amask = ids, mask
@@ -195,19 +201,36 @@ def _generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg:
         active = ~done
         nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))
         if counts is not None:
-            counts[torch.arange(B), nxt] += active.float()
-        for i in range(B):
-            if active[i]:
-                out[i].append(int(nxt[i]))
+            counts[torch.arange(len(rows)), nxt] += active.float()
+        for j, i in enumerate(rows.tolist()):
+            if active[j]:
+                out[i].append(int(nxt[j]))
         if eos_id is not None and cfg.stop_at_eos:
             done = done | (nxt == eos_id)
         seqs = torch.cat([seqs, nxt[:, None]], dim=1)
         amask = torch.cat([amask, active.long()[:, None]], dim=1)
         padded = padded or not bool(active.all())
-        if on_step is not None and on_step(nxt, active):
-            break
+        if on_step is not None:
+            full_nxt = torch.full((B,), pad_id, dtype=nxt.dtype)
+            full_active = torch.zeros(B, dtype=torch.bool)
+            full_nxt[rows], full_active[rows] = nxt, active
+            if on_step(full_nxt, full_active):
+                break
+        if ended is not None:
+            flags = ended()
+            done = done | torch.tensor([bool(flags[i]) for i in rows.tolist()], dtype=torch.bool)
         if bool(done.all()):
             break
+        n_done = int(done.sum())
+        if n_done and 4 * n_done >= len(rows):  # pack the unfinished rows together
+            keep = (~done).nonzero().squeeze(1)
+            seqs, amask, rows, done = seqs[keep], amask[keep], rows[keep], done[keep]
+            if counts is not None:
+                counts = counts[keep]
+            if caches is not None:
+                for c in caches:
+                    c.reorder(keep)
+            padded = bool((amask == 0).any())
     return out
 
 
@@ -292,6 +315,6 @@ def generate_text(model: torch.nn.Module, prompts: Sequence[str], cfg: Generatio
         enc.append(ids)
     stream = TextStream(tok, len(enc), cfg.stop, tok.eos_id, on_text)
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
-    generate_ids(model, enc, cfg, eos_id=tok.eos_id, pad_id=pad, on_step=stream.step)
+    generate_ids(model, enc, cfg, eos_id=tok.eos_id, pad_id=pad, on_step=stream.step, ended=lambda: stream.done)
     stream.flush()
     return stream.text

@@ -70,7 +70,8 @@ def generate_from_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], 
     pad = tok.pad_id if tok.pad_id is not None else (eos if eos is not None else 0)
     col = TextStream(tok, len(prompts), cfg.stop, eos, on_text, cancelled)
     if cfg.max_new_tokens > 0:
-        generate_ids(model, [list(p) for p in prompts], cfg, eos_id=eos, pad_id=pad, on_step=col.step)
+        generate_ids(model, [list(p) for p in prompts], cfg, eos_id=eos, pad_id=pad, on_step=col.step,
+                     ended=lambda: col.done)
     col.flush()
     return [Completion(col.text[i], col.finish[i], col.count[i], len(prompts[i])) for i in range(len(prompts))]
 

@@ -168,16 +168,23 @@ def sample_shared(model: Any, prompts: list[list[int]], n: int, stop: tuple[str,
             for c in caches:
                 c.reorder(rows)
             logits, amask = logits[rows], mask[rows]
-            stream = TextStream(tok, len(rows), stop, eos)
-            done = torch.zeros(len(rows), dtype=torch.bool)
+            R = len(rows)
+            stream = TextStream(tok, R, stop, eos)
+            live = torch.arange(R)  # the stream rows still decoded; ended ones leave the batch (as in generate_ids)
             for step in range(cfg.max_new_tokens):
                 nxt = pick(process_logits(logits, None, g), g, gen)
-                active = ~done
+                active = torch.tensor([not stream.done[i] for i in live.tolist()], dtype=torch.bool)
                 nxt = torch.where(active, nxt, torch.full_like(nxt, pad))
-                if eos is not None:
-                    done = done | (nxt == eos)
-                if stream.step(nxt, active) or bool(done.all()) or step == cfg.max_new_tokens - 1:
+                full_nxt, full_active = torch.full((R,), pad, dtype=nxt.dtype), torch.zeros(R, dtype=torch.bool)
+                full_nxt[live], full_active[live] = nxt, active
+                if stream.step(full_nxt, full_active) or step == cfg.max_new_tokens - 1:
                     break
+                active = torch.tensor([not stream.done[i] for i in live.tolist()], dtype=torch.bool)
+                if 4 * int((~active).sum()) >= len(live):  # a quarter has ended: pack the rest together
+                    keep = active.nonzero().squeeze(1)
+                    live, nxt, amask, active = live[keep], nxt[keep], amask[keep], active[keep]
+                    for c in caches:
+                        c.reorder(keep)
                 amask = torch.cat([amask, active.long()[:, None]], dim=1)
                 logits = model(nxt[:, None], attention_mask=amask, caches=caches)[:, -1]
             stream.flush()
