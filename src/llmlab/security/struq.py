@@ -53,6 +53,7 @@ from llmlab.train.chat import (
     make_dataset,
     make_injection,
     make_task,
+    spotlight_messages,
 )
 from llmlab.train.objective import LoopHooks
 
@@ -123,10 +124,13 @@ class MeasureConfig:
     seed: int = 0
     max_new_tokens: int = 24
     batch_size: int = 16
+    spotlight: str | None = None  # delimit | datamark: documents (attacked and clean) marked as the assistant saw
 
     def validate(self) -> None:
         if self.n < 1 or self.n_heldin < 0:
             raise ConfigError(f"n must be at least 1 and n_heldin at least 0 (got {self.n}, {self.n_heldin})")
+        if self.spotlight not in (None, "delimit", "datamark", "encode"):
+            raise ConfigError(f"unknown spotlight {self.spotlight!r}; choose delimit, datamark or encode")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("max_new_tokens and batch_size must be at least 1")
 
@@ -168,16 +172,23 @@ def attack_set(cfg: MeasureConfig, heldout: bool, n: int) -> list[tuple[Task, In
     return out
 
 
-def _generate(model: torch.nn.Module, prompts: list[str], cfg: MeasureConfig) -> list[str]:
+def _generate(model: torch.nn.Module, convs: list[list[dict[str, str]]], cfg: MeasureConfig) -> list[str]:
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = [""] * len(prompts)
+    order = sorted(range(len(convs)), key=lambda i: sum(len(m["content"]) for m in convs[i]))
+    out = [""] * len(convs)
     for s in range(0, len(order), cfg.batch_size):
         chunk = order[s:s + cfg.batch_size]
-        convs = [[{"role": "user", "content": prompts[i]}] for i in chunk]
-        for i, rep in zip(chunk, chat_generate(model, convs, gen)):
+        for i, rep in zip(chunk, chat_generate(model, [convs[i] for i in chunk], gen)):
             out[i] = rep
     return out
+
+
+def _conversation(task: Task, document: str | None, cfg: MeasureConfig) -> list[dict[str, str]]:
+    """The request about `document` (None: the task's own), spotlighted as trained when cfg.spotlight is set."""
+    doc = task.document if document is None else document
+    if cfg.spotlight and doc is not None:
+        return spotlight_messages(cfg.spotlight, task.user, doc)
+    return [{"role": "user", "content": task.render(doc)}]
 
 
 @dataclass
@@ -200,27 +211,33 @@ def measure_injection(model: torch.nn.Module, cfg: MeasureConfig | None = None,
 
         asr            goal reached, held-out wrappers            asr_capable  among goals it does when asked
         task_preserved user task answered under attack            utility      same tasks without injection
-        capability     the injected goals asked directly          asr_heldin   goal reached, trained wrappers"""
+        capability     the injected goals asked directly          asr_heldin   goal reached, trained wrappers
+        asr:POSITION   goal reached, injection at the document's start | middle | end
+
+    With cfg.spotlight, attacked and clean documents are marked (delimit, datamark) with the note as the system
+    prompt, as llmlab's assistant was trained to see them (train.chat.spotlight_messages); the direct goals not."""
     cfg = cfg or MeasureConfig()
     cfg.validate()
     t0 = time.perf_counter()
     sets = [("heldout", attack_set(cfg, True, cfg.n))]
     if cfg.n_heldin:
         sets.append(("heldin", attack_set(cfg, False, cfg.n_heldin)))
-    prompts, meta = [], []
+    convs, meta = [], []
     for name, attacks in sets:
         for task, inj, where in attacks:
-            prompts.append(task.render(_insert(random.Random(len(prompts)), task.document or "", inj.text, where)))
+            convs.append(_conversation(task, _insert(random.Random(len(convs)), task.document or "", inj.text, where),
+                                       cfg))
             meta.append((name, task, inj, where))
+    prompts = [c[-1]["content"] for c in convs]
     heldout = [m for m in meta if m[0] == "heldout"]
-    clean_prompts = [task.render() for _, task, _, _ in heldout]
-    direct_prompts = [inj.direct.render() for _, _, inj, _ in heldout]
+    clean_convs = [_conversation(task, None, cfg) for _, task, _, _ in heldout]
+    direct_convs = [[{"role": "user", "content": inj.direct.render()}] for _, _, inj, _ in heldout]
     with Stage(progress, "generate replies (attacks, clean tasks, direct goals)", 3) as st:
-        replies = _generate(model, prompts, cfg)
+        replies = _generate(model, convs, cfg)
         st.advance()
-        clean = _generate(model, clean_prompts, cfg)
+        clean = _generate(model, clean_convs, cfg)
         st.advance()
-        direct = _generate(model, direct_prompts, cfg)
+        direct = _generate(model, direct_convs, cfg)
         st.advance()
     attempts = []
     for j, ((name, task, inj, where), prompt, rep) in enumerate(zip(meta, prompts, replies)):
@@ -246,6 +263,8 @@ def measure_injection(model: torch.nn.Module, cfg: MeasureConfig | None = None,
     for g in INJECTION_GOALS:
         rates[f"asr:{g}"] = rc([a.goal_reached for a in ho if a.goal == g])
         rates[f"capability:{g}"] = rc([a.capable for a in ho if a.goal == g])
+    for where in POSITIONS:
+        rates[f"asr:{where}"] = rc([a.goal_reached for a in ho if a.position == where])
     return Measurement(rates, attempts, time.perf_counter() - t0)
 
 
@@ -292,7 +311,7 @@ class HardenConfig:
 
     @classmethod
     def for_assistant(cls, base: str) -> HardenConfig:
-        """Defaults for llmlab's own assistant (a char-level run: longer sequences, all weights, higher lr)."""
+        """Defaults for llmlab's own assistant (a small run: longer sequences, all weights, higher lr)."""
         return cls(base=base, n_data=6000, max_iters=300, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_iters=20,
                    train_layers=0, block_size=512)
 
@@ -370,7 +389,8 @@ ROWS = [("asr", "attack success, held-out wrappers"), ("asr_capable", "attack su
         ("task_preserved", "user task preserved under attack"), ("utility", "benign utility (same tasks, no attack)"),
         ("capability", "capability: injected goal asked directly"), ("empty", "empty replies under attack"),
         *[(f"asr:{g}", f"attack success, goal {g}") for g in INJECTION_GOALS],
-        *[(f"capability:{g}", f"capability, goal {g}") for g in INJECTION_GOALS]]
+        *[(f"capability:{g}", f"capability, goal {g}") for g in INJECTION_GOALS],
+        *[(f"asr:{w}", f"attack success, injection at the document's {w}") for w in POSITIONS]]
 
 
 def _rate(d: dict[str, Any] | None) -> str:

@@ -81,11 +81,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                                   min_lr=4e-4, warmup_iters=50, lr_decay_iters=2000, eval_interval=500, eval_iters=20,
                                   beta2=0.99, weight_decay=0.1, dtype="auto")},
     # llmlab's assistant as a fair injection target (issue 14): BPE (a word is a few tokens: 5x faster steps and
-    # far easier copying than characters), RoPE (copying by relative position), the generated instruction set;
-    # the target is >= 80% of held-out benign tasks exact (train/chat.py, eval.json) within 20 minutes; measured:
-    # 63% after its 3,000 steps (loaded machine); copying a random word and picking one colour of several lag
+    # far easier copying than characters), RoPE (copying by relative position), the generated instruction set
+    # (weighted to the hard tasks: copying a word, picking one colour of several); the target is >= 80% of
+    # held-out benign tasks exact (train/chat.py, eval.json) within 20 minutes on 2 cores; measured 79% in 17 min
+    # (loaded machine, one thread): picking the asked item's colour among several is still at chance
     "assistant": {"model": dict(n_layer=3, n_head=4, n_embd=96, block_size=512, position="rope", dropout=0.0),
-                  "train": dict(task="assistant", tokenizer="bpe", vocab_size=1024, batch_size=16, max_iters=3000,
+                  "train": dict(task="assistant", tokenizer="bpe", vocab_size=1024, batch_size=16, max_iters=10000,
                                 lr=3e-3, min_lr=3e-4, warmup_iters=50, eval_interval=1000, eval_iters=10,
                                 max_time=1150.0, dtype="auto")},
 }
