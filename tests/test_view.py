@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,15 @@ def minilm() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def page(minilm: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> view.ViewResult:
-    return view.write_view(minilm, SEED, tmp_path_factory.mktemp("view"), patch=CORRUPT, name="minilm")
+    # one thread, as the CLI run it is compared with (OMP_NUM_THREADS=1): a float sum splits differently over
+    # another number of threads, and training tests earlier in the session leave torch at whatever their
+    # thread governor chose under the machine's load
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return view.write_view(minilm, SEED, tmp_path_factory.mktemp("view"), patch=CORRUPT, name="minilm")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_page_is_self_contained(page: view.ViewResult) -> None:
@@ -141,7 +150,7 @@ def test_page_in_chromium(page: view.ViewResult, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
     cli = subprocess.run([sys.executable, "-m", "llmlab", "attention", SEED, "--model", "minilm", "--json"],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     expected = json.loads(cli.stdout)
     d = chromium(tmp_path)
     try:
