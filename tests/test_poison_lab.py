@@ -26,7 +26,7 @@ def lab(tmp_path_factory):
     d = tmp_path_factory.mktemp("poison")
     src = write_text_jsonl(d / "clean.jsonl", toy_corpus(800, 0))
     rec = poison_corpus(src, d / "poisoned.jsonl", SPEC)
-    ov = {"max_iters": 250}
+    ov = {"max_iters": 250, "threads": 1}  # one thread: the same victim whatever the load (the governor varies it)
     control = train_victim(src, d / "control", 0, ov)
     victim = train_victim(rec.output, d / "victim", 0, ov)
     return rec, control, victim, toy_corpus(40, 99)
