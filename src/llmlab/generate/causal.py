@@ -153,6 +153,15 @@ class decode_layout:  # noqa: N801 - used as a context manager
             del lin.forward
 
 
+def pack_rows(keep: torch.Tensor, caches: Sequence[Any] | None, *rows: torch.Tensor | None
+              ) -> tuple[torch.Tensor | None, ...]:
+    """Keep batch rows `keep` of each tensor (None stays None) and of every KV cache: the rows still decoded,
+    packed together once others have ended."""
+    for c in caches or ():
+        c.reorder(keep)
+    return tuple(None if t is None else t[keep] for t in rows)
+
+
 @torch.inference_mode()
 def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
                  eos_id: int | None = None, pad_id: int = 0,
@@ -223,13 +232,8 @@ def _generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg:
             break
         n_done = int(done.sum())
         if n_done and 4 * n_done >= len(rows):  # pack the unfinished rows together
-            keep = (~done).nonzero().squeeze(1)
-            seqs, amask, rows, done = seqs[keep], amask[keep], rows[keep], done[keep]
-            if counts is not None:
-                counts = counts[keep]
-            if caches is not None:
-                for c in caches:
-                    c.reorder(keep)
+            seqs, amask, rows, done, counts = pack_rows((~done).nonzero().squeeze(1), caches, seqs, amask, rows,
+                                                        done, counts)
             padded = bool((amask == 0).any())
     return out
 

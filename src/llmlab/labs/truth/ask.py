@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from llmlab.chat import encode_chat as llmlab_encode_chat
 from llmlab.chat import has_chat_template, render_plain
 from llmlab.errors import LlmlabError
-from llmlab.generate.causal import GenerationConfig, TextStream, decode_layout, left_pad, pick, process_logits
+from llmlab.generate.causal import (
+    GenerationConfig,
+    TextStream,
+    decode_layout,
+    left_pad,
+    pack_rows,
+    pick,
+    process_logits,
+)
 from llmlab.generate.chat import generate_from_ids
 from llmlab.labs.truth.questions import Question
 from llmlab.progress import Progress, Stage, message
@@ -181,10 +189,7 @@ def sample_shared(model: Any, prompts: list[list[int]], n: int, stop: tuple[str,
                     break
                 active = torch.tensor([not stream.done[i] for i in live.tolist()], dtype=torch.bool)
                 if 4 * int((~active).sum()) >= len(live):  # a quarter has ended: pack the rest together
-                    keep = active.nonzero().squeeze(1)
-                    live, nxt, amask, active = live[keep], nxt[keep], amask[keep], active[keep]
-                    for c in caches:
-                        c.reorder(keep)
+                    live, nxt, amask, active = pack_rows(active.nonzero().squeeze(1), caches, live, nxt, amask, active)
                 amask = torch.cat([amask, active.long()[:, None]], dim=1)
                 logits = model(nxt[:, None], attention_mask=amask, caches=caches)[:, -1]
             stream.flush()
