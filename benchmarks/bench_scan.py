@@ -3,20 +3,23 @@ each distinct greedy request sent once) against one-at-a-time generation, side b
 
 Three sides, each in its own process, taking turns on the same chunks of probes (common.interleave):
 
-    scan      LlmlabChatTarget(batch_size=16) and the scanner's reuse of greedy replies (what `llmlab scan`
-              does: a defence that leaves a request unchanged, e.g. spotlighting a probe with no document,
-              reuses the reply without a defence)
-    batched   batch_size=16, every attempt generated (batching alone)
-    loop      batch_size=1, every attempt generated: one-at-a-time generation
+    scan      what `llmlab scan` does: LlmlabChatTarget(batch_size=16, prefix_cache_mb=2048) — continuous
+              batching (llmlab.serve.engine), the prefix cache (a prompt that starts like an earlier one, e.g.
+              the same attack under the sandwich defence, prefills only the rest) — and the scanner's reuse of
+              greedy replies (a defence that leaves a request unchanged, e.g. spotlighting a probe with no
+              document, reuses the reply without a defence)
+    batched   batch_size=16, no prefix cache, every attempt generated (batching alone)
+    loop      batch_size=1, no prefix cache, every attempt generated: one-at-a-time generation
 
 Every side runs the same probes (llmlab's capability-matched hijack family, PromptInject goal hijacking,
 system-prompt extraction, DAN templates; --limit per family) under the same defences and capability probes,
 greedy, --max-tokens new tokens. attempts/s = scan attempts (probes x defence settings) / the side's running
-time; the speed-up is the median over rounds of loop time / scan time for the same chunk. Before timing, each
-side answers the first chunk: the share of identical replies between sides is reported. Goal (issue 14):
-scan >= 3x loop.
+time; the speed-up is the median over rounds of loop time / scan time for the same chunk. A chunk is sent to
+run_scan whole (as `llmlab scan` sends all its probes), and the prefix cache is emptied before each chunk, so
+no chunk profits from an earlier one. Before timing, each side answers the first chunk: the share of identical
+replies between sides is reported. Goal (issue 14): scan >= 3x loop.
 
-    .venv/bin/python benchmarks/bench_scan.py [--limit 6] [--chunk 8] [--max-tokens 32] [--tiny]
+    .venv/bin/python benchmarks/bench_scan.py [--limit 6] [--chunk 16] [--max-tokens 32] [--tiny]
 
 --tiny runs a random 1-layer chat GPT instead of SmolLM2: a check that the script runs, not a measurement.
 """
@@ -33,15 +36,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Pacer, interleave, round_ratio, table, write_result  # noqa: E402
 
-SIDES = {"scan": (16, True), "batched": (16, False), "loop": (1, False)}
+SIDES = {"scan": (16, True, 2048.0), "batched": (16, False, 0.0), "loop": (1, False, 0.0)}  # batch, reuse, MB
 FAMILIES = ["hijack_document", "promptinject_hijack", "sysprompt_extraction", "dan"]
 
 
-def _target(tiny: bool, batch_size: int):  # noqa: ANN202
+def _target(tiny: bool, batch_size: int, prefix_mb: float):  # noqa: ANN202
     from llmlab.security.targets import LlmlabChatTarget
 
     if not tiny:
-        return LlmlabChatTarget.load("smollm2", batch_size=batch_size)
+        return LlmlabChatTarget.load("smollm2", batch_size=batch_size, prefix_cache_mb=prefix_mb)
     from llmlab.chat import render_chat
     from llmlab.config import ModelConfig
     from llmlab.models import build_model
@@ -52,7 +55,7 @@ def _target(tiny: bool, batch_size: int):  # noqa: ANN202
     model = build_model(ModelConfig(arch="gpt", vocab_size=tok.vocab_size, block_size=4096, n_layer=1, n_head=2,
                                     n_embd=32, pad_token_id=tok.pad_id))
     model.tokenizer = tok
-    return LlmlabChatTarget(model, name="tiny", batch_size=batch_size)
+    return LlmlabChatTarget(model, name="tiny", batch_size=batch_size, prefix_cache_mb=prefix_mb)
 
 
 def _probes(limit: int, seed: int) -> list:
@@ -68,30 +71,35 @@ def _probes(limit: int, seed: int) -> list:
 def worker(pacer: Pacer, side: str, tiny: bool, limit: int, chunk: int, max_tokens: int, defences: list[str],
            threads: int) -> None:
     from llmlab.security.scan.scanner import ScanConfig, run_scan
+    from llmlab.serve.prefix_cache import PrefixCache
 
     if threads:
         torch.set_num_threads(threads)
-    batch, reuse = SIDES[side]
-    target = _target(tiny, batch)
+    batch, reuse, prefix_mb = SIDES[side]
+    target = _target(tiny, batch, prefix_mb)
     probes = _probes(limit, 0)
     cfg = ScanConfig(defences=defences, max_tokens=max_tokens, bootstrap=10, reuse=reuse)
     units = [probes[i:i + chunk] for i in range(0, len(probes), chunk)]
     check = [a.response for a in run_scan(target, units[0], cfg).attempts]  # not timed
-    attempts = sent = 0
+    attempts = sent = saved = 0
     pacer.pause()  # ready: loading and the check are not timed
     for i, u in enumerate(units):
         if i:
             pacer.pause()
+        if target.prefix_cache is not None:  # nothing carried over from the check or an earlier chunk
+            target.prefix_cache = PrefixCache(target.prefix_cache.max_tokens)
         res = run_scan(target, u, cfg)
         attempts += len(res.attempts)
         sent += res.config["requests_sent"]
-    pacer.finish({"attempts": attempts, "requests": sent, "probes": len(probes), "check": check})
+        saved += res.config.get("prefix_cache", {}).get("tokens_saved", 0)
+    pacer.finish({"attempts": attempts, "requests": sent, "probes": len(probes), "check": check,
+                  "prefix_tokens_saved": saved})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=6, help="probes per family")
-    ap.add_argument("--chunk", type=int, default=8, help="probes per turn")
+    ap.add_argument("--chunk", type=int, default=16, help="probes per turn (sent to run_scan together)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--defences", default="datamark,delimit,sandwich,hierarchy,filter")
     ap.add_argument("--threads", type=int, default=0)
@@ -113,13 +121,14 @@ def main() -> None:
              "defences": ["none", *defences], "max_tokens": a.max_tokens,
              **{f"{k}_attempts_per_s": res[k]["attempts"] / res[k]["active_s"] for k in SIDES},
              **{f"{k}_requests": res[k]["requests"] for k in SIDES},
+             "scan_prefix_tokens_saved": s["prefix_tokens_saved"],
              "speedup_scan_vs_loop_median_round": round_ratio(lp["chunks_s"], s["chunks_s"]),
              "speedup_batched_vs_loop_median_round": round_ratio(lp["chunks_s"], b["chunks_s"]),
              "speedup_scan_vs_loop_total": lp["active_s"] / s["active_s"],
              "same_replies_scan_vs_loop": same(s), "same_replies_batched_vs_loop": same(b),
              "wall_s": time.perf_counter() - t0, "settings": vars(a)}
     rows = [["side", "attempts/s", "requests generated", "speed-up vs loop (median of rounds)", "same replies"],
-            ["scan (batch 16 + reuse)", f"{entry['scan_attempts_per_s']:.2f}", s["requests"],
+            ["scan (batch 16 + prefix cache + reuse)", f"{entry['scan_attempts_per_s']:.2f}", s["requests"],
              f"{entry['speedup_scan_vs_loop_median_round']:.2f}x", f"{same(s):.0%}"],
             ["batched (batch 16)", f"{entry['batched_attempts_per_s']:.2f}", b["requests"],
              f"{entry['speedup_batched_vs_loop_median_round']:.2f}x", f"{same(b):.0%}"],

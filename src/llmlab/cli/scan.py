@@ -70,6 +70,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--concurrency", type=int, default=4, help="parallel requests to an HTTP target")
     p.add_argument("--batch-size", type=int, default=16, help="requests decoded together by an llmlab target")
+    p.add_argument("--prefix-cache-mb", type=float, default=2048,
+                   help="an llmlab target keeps the keys and values of recent prompts in this many megabytes, so a "
+                        "prompt that starts like an earlier one (the same attack under another defence) prefills "
+                        "only the rest (default 2048; 0 = off)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request")
     p.add_argument("--retries", type=int, default=2,
                    help="retries of an HTTP request after a 429/5xx or a network error")
@@ -131,6 +135,8 @@ def cmd_scan(a: argparse.Namespace) -> int:
         raise LlmlabError("--max-tokens, --bootstrap, --concurrency and --batch-size must be at least 1")
     if a.retries < 0:
         raise LlmlabError(f"--retries {a.retries}: give 0 or more")
+    if a.prefix_cache_mb < 0:
+        raise LlmlabError(f"--prefix-cache-mb {a.prefix_cache_mb}: give 0 (off) or a number of megabytes")
     defences = ["none"] + [d for d in name_list(a.defences) if d != "none"]
     bad = [d for d in defences if d not in DEFENCES]
     if bad:
@@ -139,7 +145,7 @@ def cmd_scan(a: argparse.Namespace) -> int:
     if (out / "report.json").exists():
         raise LlmlabError(f"--out {out} already holds a scan report; choose another folder")
     target = parse_target(a.target, a.api_key_env, a.concurrency, a.timeout, sampling=not a.no_sampling_params,
-                          batch_size=a.batch_size, retries=a.retries)
+                          batch_size=a.batch_size, retries=a.retries, prefix_cache_mb=a.prefix_cache_mb)
     judge = parse_target(a.judge, a.api_key_env, a.concurrency, a.timeout, sampling=not a.no_sampling_params,
                          batch_size=a.batch_size) if a.judge else None
     cfg = ScanConfig(system=a.system if a.system is not None else SCAN_SYSTEM, defences=defences,

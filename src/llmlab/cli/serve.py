@@ -45,6 +45,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-n", type=int, default=16, help="largest n (choices per request) (16)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests decoded together, continuous batching (16; 1 = one at a time)")
+    p.add_argument("--prefix-cache-mb", type=float, default=0,
+                   help="keep the keys and values of recent prompts in this many megabytes, so a prompt that starts "
+                        "like an earlier one (a chat resending its conversation) prefills only the rest; the "
+                        "logits then match a full prefill up to float rounding (default 0 = off)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for generation (0 = torch's default)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -64,6 +68,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                     ("--max-batch", a.max_batch)):
         if v < 1:
             raise LlmlabError(f"{flag} must be at least 1")
+    if a.prefix_cache_mb < 0:
+        raise LlmlabError(f"--prefix-cache-mb {a.prefix_cache_mb}: give 0 (off) or a number of megabytes")
     if a.default_max_tokens > a.max_tokens:
         raise LlmlabError("--default-max-tokens is larger than --max-tokens; lower it")
     check_port(a.host, a.port)  # before loading the model: a taken port is found at once
@@ -72,7 +78,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     name = a.name or Path(a.run).resolve().name
     limits = ServeLimits(max_request_bytes=a.max_request_bytes, max_prompt_tokens=a.max_prompt_tokens,
                          max_tokens=a.max_tokens, default_max_tokens=a.default_max_tokens,
-                         max_stop=a.max_stop, max_n=a.max_n, max_batch=a.max_batch)
+                         max_stop=a.max_stop, max_n=a.max_n, max_batch=a.max_batch,
+                         prefix_cache_mb=a.prefix_cache_mb)
     app = create_app(model, name=name, api_key=key, limits=limits, threads=a.threads)
     try:
         loopback = ipaddress.ip_address(a.host).is_loopback

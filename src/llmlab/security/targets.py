@@ -23,8 +23,10 @@ from llmlab.attention import KVCache
 from llmlab.errors import LlmlabError
 from llmlab.evaluate import token_logprobs
 from llmlab.generate.causal import GenerationConfig
-from llmlab.generate.chat import generate_from_ids, prompt_ids
+from llmlab.generate.chat import prompt_ids
 from llmlab.interop import load
+from llmlab.serve.engine import BatchEngine, Job
+from llmlab.serve.prefix_cache import PrefixCache
 
 
 class WhiteBox:
@@ -258,18 +260,24 @@ BUILTIN_CHAT_MODELS = ("smollm2",)
 
 class LlmlabChatTarget(BatchChatTarget):
     """An llmlab model (a run folder, a Hugging Face or GGUF model, or `smollm2`) answering through its chat
-    template, `batch_size` requests decoded together (similar lengths batched together)."""
+    template: up to `batch_size` requests decoded together with continuous batching (a request joins as soon as
+    another ends; llmlab.serve.engine, run in the caller's thread). With `prefix_cache_mb` > 0 the keys and
+    values of recent prompts are kept (that many megabytes), so a prompt that starts like an earlier one — the
+    same system prompt and attack under another defence — prefills only the rest."""
 
-    def __init__(self, model: Any, name: str = "llmlab", path: str | Path | None = None, batch_size: int = 16):
+    def __init__(self, model: Any, name: str = "llmlab", path: str | Path | None = None, batch_size: int = 16,
+                 prefix_cache_mb: float = 0.0):
         if getattr(model.config, "arch", "gpt") != "gpt" or model.tokenizer is None:
             raise LlmlabError(f"{name} is not a decoder-only model with a tokenizer; scan a GPT run folder")
         self.model, self.name, self.path, self.batch_size = model.eval(), name, path, max(1, batch_size)
         self.model_name = name
+        self.prefix_cache = (PrefixCache(PrefixCache.tokens_for_memory(model, prefix_cache_mb))
+                             if prefix_cache_mb > 0 else None)
 
     @classmethod
-    def load(cls, path: str | Path, batch_size: int = 16) -> LlmlabChatTarget:
+    def load(cls, path: str | Path, batch_size: int = 16, prefix_cache_mb: float = 0.0) -> LlmlabChatTarget:
         local = None if str(path) in BUILTIN_CHAT_MODELS else path
-        return cls(load(path), name=str(path), path=local, batch_size=batch_size)
+        return cls(load(path), name=str(path), path=local, batch_size=batch_size, prefix_cache_mb=prefix_cache_mb)
 
     @staticmethod
     def _messages(system: str | None, user: str) -> list[dict[str, str]]:
@@ -286,21 +294,20 @@ class LlmlabChatTarget(BatchChatTarget):
                   seed: int | None = None) -> list[str | TargetError]:
         block = self.model.config.block_size
         out: list[str | TargetError | None] = [None] * len(requests)
-        todo: list[tuple[int, list[int], tuple[str, ...]]] = []
+        todo: list[tuple[int, Job]] = []
         for i, (system, user) in enumerate(requests):
             ids, stop = prompt_ids(self.model, self._messages(system, user))
             if len(ids) + 1 >= block:
                 out[i] = PromptTooLong(f"prompt of {len(ids)} tokens does not fit the context of {block}")
             else:
-                todo.append((i, ids, stop))
-        todo.sort(key=lambda t: len(t[1]))  # similar lengths together: less left padding per batch
-        for k in range(0, len(todo), self.batch_size):
-            chunk = todo[k:k + self.batch_size]
-            room = block - max(len(ids) for _, ids, _ in chunk)
-            cfg = GenerationConfig(max_new_tokens=max(1, min(max_tokens, room)), temperature=temperature, seed=seed,
-                                   stop=chunk[0][2])
-            for (i, _, _), c in zip(chunk, generate_from_ids(self.model, [ids for _, ids, _ in chunk], cfg)):
-                out[i] = c.text
+                cfg = GenerationConfig(max_new_tokens=max(1, min(max_tokens, block - len(ids))),
+                                       temperature=temperature, seed=seed, stop=stop)
+                todo.append((i, Job(ids, cfg)))
+        todo.sort(key=lambda t: len(t[1].prompt))  # similar lengths decoded together: less left padding
+        engine = BatchEngine(self.model, self.batch_size, prefix_cache=self.prefix_cache, start=False)
+        engine.run_here([job for _, job in todo])
+        for i, job in todo:
+            out[i] = job.text if job.error is None else TargetError(f"generation failed: {job.error}")
         return out  # type: ignore[return-value]
 
 
@@ -388,10 +395,10 @@ class OpenAITarget(BatchChatTarget):
 
 
 def parse_target(spec: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
-                 timeout: float = 60.0, sampling: bool = True, batch_size: int = 16, retries: int = 2
-                 ) -> BatchChatTarget:
+                 timeout: float = 60.0, sampling: bool = True, batch_size: int = 16, retries: int = 2,
+                 prefix_cache_mb: float = 0.0) -> BatchChatTarget:
     """A target from `openai:MODEL@BASE_URL`, `smollm2`, or a model folder (an llmlab run or a Hugging Face
-    folder) or GGUF file."""
+    folder) or GGUF file (`batch_size` and `prefix_cache_mb`: see LlmlabChatTarget)."""
     if spec.startswith("openai:"):
         model, at, url = spec[len("openai:"):].partition("@")
         if not model or not at or not url:
@@ -400,4 +407,4 @@ def parse_target(spec: str, api_key_env: str = "OPENAI_API_KEY", concurrency: in
                             sampling=sampling, retries=retries)
     if spec not in BUILTIN_CHAT_MODELS and not Path(spec).exists():
         raise LlmlabError(f"target {spec!r} is neither openai:MODEL@BASE_URL, smollm2, nor an existing model folder")
-    return LlmlabChatTarget.load(spec, batch_size=batch_size)
+    return LlmlabChatTarget.load(spec, batch_size=batch_size, prefix_cache_mb=prefix_cache_mb)

@@ -37,6 +37,7 @@ from llmlab.generate.causal import GenerationConfig
 from llmlab.generate.chat import prompt_ids
 from llmlab.interop import load
 from llmlab.serve.engine import BatchEngine, Job, TokenLogprob
+from llmlab.serve.prefix_cache import PrefixCache
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ServeLimits:
     max_waiting: int = 256
     max_n: int = 16
     max_batch: int = 16  # requests decoded together (continuous batching); 1 = one at a time
+    prefix_cache_mb: float = 0.0  # keys/values of recent prompts kept for reuse (llmlab.serve.prefix_cache); 0 = off
     max_embed_inputs: int = 256
 
 
@@ -323,7 +325,9 @@ def create_app(model: torch.nn.Module, name: str = "llmlab", api_key: str | None
     decoder = model.config.arch == "gpt"
     model.eval()
     tok = model.tokenizer
-    engine = BatchEngine(model, limits.max_batch, threads, batching) if decoder else None
+    pcache = (PrefixCache(PrefixCache.tokens_for_memory(model, limits.prefix_cache_mb))
+              if decoder and limits.prefix_cache_mb > 0 else None)
+    engine = BatchEngine(model, limits.max_batch, threads, batching, prefix_cache=pcache) if decoder else None
     embed_lock = threading.Lock()
     state = {"waiting": 0, "served": 0, "created": int(time.time())}
     block = model.config.block_size

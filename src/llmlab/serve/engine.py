@@ -1,7 +1,9 @@
 """Continuous batching for `llmlab serve`: one worker thread owns the model and decodes every running request
 together, one token per request per step. A request joins the batch between steps (its prompt is prefilled
 alone, so its prompt log-probabilities and first token are exactly those of serving it alone) and leaves it
-as soon as it ends (end of text, a stop string, max_tokens, the context, or its client going away).
+as soon as it ends (end of text, a stop string, max_tokens, the context, or its client going away). With a
+prefix cache (off by default), a prompt that starts like a recent one reuses that prefix's keys and values and
+prefills only the rest: the same numbers up to float rounding (llmlab.serve.prefix_cache).
 
 The batch keeps one KV cache per layer, (B, nh, L, hs), left padded: a joining request's cache is padded on
 the left to the batch's length (or the batch's to its), and the attention mask hides the padding; positions
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 from llmlab.attention import KVCache
 from llmlab.generate.causal import GenerationConfig, TextStream, decode_layout, pick, process_logits
+from llmlab.serve.prefix_cache import PrefixCache
 
 
 @dataclass
@@ -81,14 +84,18 @@ def _top(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:
 
 class BatchEngine:
     """The model in a worker thread, decoding up to `max_batch` jobs together (continuous batching).
-    batching=False serves one job at a time (the baseline the benchmark compares against)."""
+    batching=False serves one job at a time (the baseline the benchmark compares against). A `prefix_cache`
+    (llmlab.serve.prefix_cache) lets a prompt that starts like an earlier one prefill only the rest.
+    start=False starts no thread: `run_here` then decodes in the caller's thread."""
 
-    def __init__(self, model: torch.nn.Module, max_batch: int = 16, threads: int = 0, batching: bool = True):
+    def __init__(self, model: torch.nn.Module, max_batch: int = 16, threads: int = 0, batching: bool = True,
+                 prefix_cache: PrefixCache | None = None, start: bool = True):
         self.model = model.eval()
         self.tok = model.tokenizer
         self.block = model.config.block_size
         self.max_batch = max_batch if batching else 1
         self.threads = threads
+        self.prefix_cache = prefix_cache
         self.cond = threading.Condition()
         self.pending: list[Job] = []
         self.rows: list[Job] = []
@@ -96,8 +103,10 @@ class BatchEngine:
         self.mask: torch.Tensor | None = None  # (B, L) 1 = real token
         self.steps = 0
         self.max_rows_seen = 0
-        self.thread = threading.Thread(target=self._loop, name="llmlab-engine", daemon=True)
-        self.thread.start()
+        self.thread = None
+        if start:
+            self.thread = threading.Thread(target=self._loop, name="llmlab-engine", daemon=True)
+            self.thread.start()
 
     # ------------------------------------------------------------------ public
 
@@ -111,6 +120,17 @@ class BatchEngine:
         self.submit(jobs)
         for j in jobs:
             j.done.wait()
+        return jobs
+
+    def run_here(self, jobs: list[Job]) -> list[Job]:
+        """Decode jobs in the calling thread, continuous batching, until all are done (an engine made with
+        start=False: no thread owns the model, and the decoding layout is undone on return)."""
+        if self.thread is not None:
+            raise RuntimeError("this engine has a worker thread: use run()")
+        self.pending.extend(jobs)
+        with torch.inference_mode(), decode_layout(self.model):
+            while self.pending or self.rows:
+                self._cycle()
         return jobs
 
     @property
@@ -127,17 +147,22 @@ class BatchEngine:
                 with self.cond:
                     while not self.pending and not self.rows:
                         self.cond.wait()
-                    room = self.max_batch - len(self.rows)
-                    new, self.pending = self.pending[:room], self.pending[room:]
-                for job in new:
-                    self._guard(job, self._join)
-                if self.rows:
-                    try:
-                        self._step()
-                    except Exception as e:  # noqa: BLE001 - a failure of the batch fails its jobs, not the server
-                        for job in self.rows:
-                            self._fail(job, e)
-                        self.rows, self.caches, self.mask = [], None, None
+                self._cycle()
+
+    def _cycle(self) -> None:
+        """Let waiting jobs join while there is room, then decode one step of the batch."""
+        with self.cond:
+            room = self.max_batch - len(self.rows)
+            new, self.pending = self.pending[:room], self.pending[room:]
+        for job in new:
+            self._guard(job, self._join)
+        if self.rows:
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - a failure of the batch fails its jobs, not the server
+                for job in self.rows:
+                    self._fail(job, e)
+                self.rows, self.caches, self.mask = [], None, None
 
     def _guard(self, job: Job, fn: Callable[[Job], None]) -> None:
         try:
@@ -158,10 +183,15 @@ class BatchEngine:
         job._stream = TextStream(tok, 1, cfg.stop, tok.eos_id, None, None)
         job._gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         job._counts = torch.zeros(1, self.model.config.vocab_size) if cfg.counts_tokens else None
-        ids = torch.tensor([job.prompt], dtype=torch.long)
-        caches = self.model.new_caches()
         full = job.prompt_logprobs and job.logprobs is not None
+        cache = self.prefix_cache if not full else None  # echoed prompt log-probabilities need every position
+        shared, caches = cache.lookup(job.prompt) if cache is not None else (0, None)
+        if caches is None:
+            shared, caches = 0, self.model.new_caches()
+        ids = torch.tensor([job.prompt[shared:]], dtype=torch.long)
         logits = self.model(ids, caches=caches, last_only=not full)[0].float()  # (T or 1, V)
+        if cache is not None:
+            cache.store(job.prompt, caches)
         if full:
             logp = F.log_softmax(logits, -1)  # (T, V)
             k = job.logprobs or 0

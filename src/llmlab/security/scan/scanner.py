@@ -317,6 +317,9 @@ def run_scan(target: BatchChatTarget, probes: Sequence[Probe], cfg: ScanConfig |
         a.capable = cap_rows[a.probe]["ok"] if a.probe in cap_rows and cap_rows[a.probe]["error"] is None else None
     result = _summarise(target, probes, attempts, defences, cfg, cap_rows)
     result.config["requests_sent"] = send.sent  # distinct requests (greedy replies are reused across defences)
+    pc = getattr(target, "prefix_cache", None)
+    if pc is not None:  # prompt tokens not prefilled again thanks to the prefix cache
+        result.config["prefix_cache"] = pc.stats()
     if judge is not None and cfg.judge_sample > 0:
         result.judge = _judge(judge, result, cfg, progress)
     if guard is not None:
