@@ -14,9 +14,9 @@ import llmlab
 from conftest import tiny_chat_model
 from llmlab.generate.causal import GenerationConfig
 from llmlab.generate.chat import generate_from_ids
+from llmlab.security.targets import LlmlabChatTarget
 from llmlab.serve.engine import BatchEngine, Job
 from llmlab.serve.prefix_cache import PrefixCache
-from llmlab.security.targets import LlmlabChatTarget
 from llmlab.train.config import resolve_config
 from llmlab.train.loop import train
 
