@@ -322,7 +322,7 @@ def reply_logprob(model: torch.nn.Module, messages: list[dict], reply: str) -> f
 
 @pytest.fixture(scope="module")
 def assistant_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The assistant preset (`llmlab train --preset assistant`: BPE, 3 layers, width 96, 10000 steps), or the run
+    """The assistant preset (`llmlab train --preset assistant`: BPE, 3 layers, width 96, 20000 steps), or the run
     folder in $LLMLAB_ASSISTANT_RUN."""
     given = os.environ.get("LLMLAB_ASSISTANT_RUN")
     if given:
@@ -333,8 +333,6 @@ def assistant_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 14 target; the preset measured 79% [75%, 83%] (picking one colour of several "
-                          "is at chance)", strict=False)
 def test_assistant_preset_does_80_percent_of_heldout_benign_tasks(assistant_run: Path) -> None:
     ev = json.loads((assistant_run / "eval.json").read_text())  # 600 held-out conversations, greedy, exact
     assert ev["task_accuracy"] >= 0.8  # issue 14: a fair target (7-14% before)
@@ -353,8 +351,8 @@ def test_assistant_follows_its_system_prompt(assistant_run: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="held-out harmful refusal measured 50% [32%, 68%] at the preset (97% in a run with "
-                          "another task mix): not stable yet", strict=False)
+@pytest.mark.xfail(reason="held-out harmful refusal measured 18/32 = 56% [38%, 74%] at the 20,000-step preset (50% "
+                          "at 10,000 steps, 97% in a run with another task mix): not stable yet", strict=False)
 def test_assistant_refuses_harmful_actions_it_never_saw(assistant_run: Path) -> None:
     ev = json.loads((assistant_run / "eval.json").read_text())
     harm, howto = ev["rates"]["harmful_refusal"], ev["rates"]["howto_refused"]
@@ -363,8 +361,8 @@ def test_assistant_refuses_harmful_actions_it_never_saw(assistant_run: Path) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the 10,000-step preset: role-play 4/12 -> 2/12 with the filter, paired bootstrap lower "
-                          "bound 0 (not significant with 12 probes)", strict=False)
+@pytest.mark.xfail(reason="the 20,000-step preset: role-play 3/12 -> 2/12 with the filter, paired bootstrap lower "
+                          "bound 0 (not significant with 12 probes; 4/12 -> 2/12 at 10,000 steps)", strict=False)
 def test_defence_lowers_attack_success_on_the_assistant(assistant_run: Path) -> None:
     from llmlab.security.scan.probes import load_probes
     from llmlab.security.scan.scanner import ScanConfig, paired_difference, run_scan

@@ -282,6 +282,8 @@ def test_scan_cli_errors(random_chat_run: Path, tmp_path: Path) -> None:
     assert main(["scan", str(random_chat_run), "--defences", "magic", "--out", str(tmp_path / "c")]) == 2
     assert main(["scan", str(random_chat_run), "--families", "nope,leakage"]) == 2
     assert main(["scan", str(random_chat_run), "--limit", "-1"]) == 2
+    assert main(["scan", str(random_chat_run), "--prefix-cache-mb", "-1", "--out", str(tmp_path / "d")]) == 2
+    assert not (tmp_path / "d").exists()
     assert main(["scan", str(random_chat_run), "--families", "leakage", "--list"]) == 0
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "report.json").write_text("{}")

@@ -222,8 +222,11 @@ def test_cli_serve_binds_loopback(tmp_path: Path) -> None:
         proc.wait(timeout=20)
 
 
-def test_cli_serve_user_errors(tmp_path: Path) -> None:
+def test_cli_serve_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from llmlab.cli import main
 
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert main(["serve", str(tmp_path), "--port", "70000"]) == 2
+    capsys.readouterr()
+    assert main(["serve", str(tmp_path), "--prefix-cache-mb", "-1"]) == 2
+    assert "--prefix-cache-mb" in capsys.readouterr().err

@@ -83,10 +83,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # llmlab's assistant as a fair injection target (issue 14): BPE (a word is a few tokens: 5x faster steps and
     # far easier copying than characters), RoPE (copying by relative position), the generated instruction set
     # (weighted to the hard tasks: copying a word, picking one colour of several); the target is >= 80% of
-    # held-out benign tasks exact (train/chat.py, eval.json) within 20 minutes on 2 cores; measured 79% in 17 min
-    # (loaded machine, one thread): picking the asked item's colour among several is still at chance
+    # held-out benign tasks exact (train/chat.py, eval.json) within 20 minutes on 2 cores; measured 82% [77%, 85%]
+    # in 11.7 min with 20,000 steps (quiet machine, 2 threads; 10,000 steps: 79%): picking the asked item's
+    # colour among several is still at chance. max_time stops it earlier on a loaded machine (fewer steps)
     "assistant": {"model": dict(n_layer=3, n_head=4, n_embd=96, block_size=512, position="rope", dropout=0.0),
-                  "train": dict(task="assistant", tokenizer="bpe", vocab_size=1024, batch_size=16, max_iters=10000,
+                  "train": dict(task="assistant", tokenizer="bpe", vocab_size=1024, batch_size=16, max_iters=20000,
                                 lr=3e-3, min_lr=3e-4, warmup_iters=50, eval_interval=1000, eval_iters=10,
                                 max_time=1150.0, dtype="auto")},
 }
