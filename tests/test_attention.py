@@ -18,6 +18,7 @@ from llmlab.attention import (
     bool_to_additive,
     causal_mask,
     combine_masks,
+    fused_attention,
     padding_mask,
     scaled_dot_product_attention,
 )
@@ -407,3 +408,14 @@ def test_kv_cache_reorder_keeps_rows():
     all_k, all_v = cache.append(k2, v2)
     assert torch.equal(all_k, torch.cat([k[[2, 0]], k2], 2))
     assert torch.equal(all_v, torch.cat([v[[2, 0]], v2], 2))
+
+
+def test_fused_attention_with_a_float32_mask_on_float64_queries() -> None:
+    """A float64 model's padding mask is float32: the fused kernel must still apply it right (torch 2.13's CPU
+    kernel silently misreads a 4-D mask of another float dtype, so llmlab casts it)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.float64) for _ in range(3))
+    mask = causal_mask(40)[None, None]  # float32
+    assert mask.dtype == torch.float32
+    torch.testing.assert_close(fused_attention(q, k, v, attn_mask=mask),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True))

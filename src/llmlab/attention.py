@@ -227,6 +227,11 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs:
         with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back down
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)  # type: ignore[arg-type]
         return y.to(low)
+    mask = kwargs.get("attn_mask")
+    if isinstance(mask, torch.Tensor) and mask.is_floating_point() and mask.dtype != q.dtype:
+        # torch 2.13's CPU kernel silently misreads a 4-D additive mask of another float dtype (a float32 mask
+        # with float64 queries gave outputs off by ~3); the mask is cast to the queries' dtype
+        kwargs["attn_mask"] = mask.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)  # type: ignore[arg-type]
 
 
