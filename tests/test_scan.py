@@ -300,3 +300,26 @@ def test_scan_report_in_process(random_chat_run: Path, tmp_path: Path) -> None:
     assert (out / "report.md").is_file() and (out / "attempts.jsonl").is_file()
     assert set(res.benign) == {"none", "encode"} and res.benign["none"].n == len([p for p in probes if p.benign])
     assert json.loads((out / "report.json").read_text())["model_sha256"]
+
+
+def test_scan_tables_fit_an_80_column_terminal(random_chat_run: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Every default defence, printed in an 80-column terminal: no line is wider, and every family and defence
+    name is printed whole (the defences go into further tables rather than wrapping letter by letter)."""
+    from llmlab.cli import main
+    from llmlab.cli.scan import defence_groups
+    from llmlab.security.scan.scanner import DEFAULT_DEFENCES
+
+    monkeypatch.setenv("COLUMNS", "80")
+    capsys.readouterr()
+    assert main(["scan", str(random_chat_run), "--families", "leakage,payload_splitting", "--max-tokens", "2",
+                 "--bootstrap", "50", "--limit", "2", "--defences", ",".join(d for d in DEFAULT_DEFENCES
+                                                                              if d != "guard"),
+                 "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    header_cells = {cell.strip() for line in out.splitlines() for cell in line.split("┃")}
+    assert set(DEFAULT_DEFENCES) - {"guard"} <= header_cells  # each defence a whole header
+    assert "payload_splitting" in out and "leakage" in out
+    groups = defence_groups(list(DEFAULT_DEFENCES), len("payload_splitting"), 80)
+    assert len(groups) > 1 and [d for g in groups for d in g] == list(DEFAULT_DEFENCES)

@@ -82,6 +82,22 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list the probes and exit")
 
 
+def defence_groups(defences: list[str], family_width: int, width: int) -> list[list[str]]:
+    """The defence columns split into consecutive groups, each a table that fits `width` characters beside the
+    family, n and capability columns (rich's boxed table: 3 characters of border and padding per column)."""
+    room = width - (family_width + 3) - (3 + 3) - (len("capability") + 3) - 1
+    groups: list[list[str]] = [[]]
+    used = 0
+    for d in defences:
+        w = max(len(d), 4) + 3
+        if groups[-1] and used + w > room:
+            groups.append([])
+            used = 0
+        groups[-1].append(d)
+        used += w
+    return groups
+
+
 def _select(a: argparse.Namespace, c) -> list[Probe]:  # noqa: ANN001
     """The probes the flags ask for."""
     own = builtin_families()
@@ -171,20 +187,18 @@ def cmd_scan(a: argparse.Namespace) -> int:
         c.print(f"guard, each family held out: ROC AUC {ev.pooled.auc:.3f}, recall {ev.pooled.recall:.0%}, "
                 f"benign false positives {ev.pooled.fpr:.0%}")
     write_scan_report(result, out)
-    t = Table("family", "n", "capability", *defences)
     families = [f for f in result.rates["none"] if f != "overall"] + ["overall"]
-    # a family name is never cut in an 80-column terminal: the rate columns wrap instead
-    t.columns[0].no_wrap, t.columns[0].min_width = True, max(len(f) for f in families)
-    for col in t.columns[1:]:
-        col.overflow = "fold"
 
     def pct(r) -> str:  # noqa: ANN001
         return f"{r.rate:.0%}" if r is not None and r.n else "-"
 
-    for f in families:
-        t.add_row(f, str(result.rates["none"][f].n), pct(result.capability.get(f)),
-                  *(pct(result.rates[d][f]) for d in defences))
-    c.print(t)
+    for group in defence_groups(defences, max(len(f) for f in families), c.width):
+        t = Table("family", "n", "capability", *group)
+        t.columns[0].no_wrap = True  # a family name is never cut: the defences go into further tables instead
+        for f in families:
+            t.add_row(f, str(result.rates["none"][f].n), pct(result.capability.get(f)),
+                      *(pct(result.rates[d][f]) for d in group))
+        c.print(t)
     u = Table("defence", "ASR", "ASR if capable", "benign task success", "false refusals")
     for d in defences:
         u.add_row(d, pct(result.rates[d]["overall"]), pct(result.capable_rates[d]["overall"]),
