@@ -28,6 +28,8 @@ from llmlab.attention import KVCache
 from llmlab.generate.causal import GenerationConfig, TextStream, decode_layout, pick, process_logits
 from llmlab.serve.prefix_cache import PrefixCache
 
+MERGE_HEADROOM = 64  # tokens of room left in the batch's caches after a merge (appends past it reallocate)
+
 
 @dataclass
 class TokenLogprob:
@@ -154,8 +156,17 @@ class BatchEngine:
         with self.cond:
             room = self.max_batch - len(self.rows)
             new, self.pending = self.pending[:room], self.pending[room:]
+        joined = []
         for job in new:
-            self._guard(job, self._join)
+            try:
+                caches = self._join(job)
+            except Exception as e:  # noqa: BLE001 - reported to that request only
+                self._fail(job, e)
+                continue
+            if caches is not None:
+                joined.append((job, caches))
+        if joined:
+            self._merge(joined)
         if self.rows:
             try:
                 self._step()
@@ -164,19 +175,15 @@ class BatchEngine:
                     self._fail(job, e)
                 self.rows, self.caches, self.mask = [], None, None
 
-    def _guard(self, job: Job, fn: Callable[[Job], None]) -> None:
-        try:
-            fn(job)
-        except Exception as e:  # noqa: BLE001 - reported to that request only
-            self._fail(job, e)
-
     def _fail(self, job: Job, e: BaseException) -> None:
         job.error = e
         job.done.set()
 
     # ------------------------------------------------------------------ joining: prefill alone
 
-    def _join(self, job: Job) -> None:
+    def _join(self, job: Job) -> list[KVCache] | None:
+        """Prefill job's prompt alone and take its first token; its caches to merge into the batch, or None when
+        it has already ended."""
         cfg = job.cfg
         cfg.validate()
         tok = self.tok
@@ -200,36 +207,41 @@ class BatchEngine:
                 job.prompt_tokens_lp.append(TokenLogprob(job.prompt[t], float(logp[t - 1, job.prompt[t]]),
                                                          _top(logp[t - 1], k)))
         job._length = len(job.prompt)
-        if cfg.max_new_tokens == 0:
+        if cfg.max_new_tokens == 0 or job._length >= self.block:
             self._finish(job, "length")
-            return
-        if job._length >= self.block:
-            self._finish(job, "length")
-            return
+            return None
         if not self._take(job, logits[-1:]):
-            return
-        self._merge(job, caches)
+            return None
+        return caches
 
-    def _merge(self, job: Job, caches: list[KVCache]) -> None:
-        L_new = caches[0].length
-        if self.caches is None:
-            self.caches = caches
-            self.mask = torch.ones(1, L_new, dtype=torch.long)
-            self.rows = [job]
-            return
-        L_old = self.caches[0].length
-        L = max(L_old, L_new)
+    def _merge(self, joined: list[tuple[Job, list[KVCache]]]) -> None:
+        """Add the jobs that joined this step to the batch in one copy: every row right-aligned to the longest,
+        zeros (masked) on the left, and room for MERGE_HEADROOM more tokens so the next steps append in place."""
+        parts: list[tuple[list[KVCache], int, int]] = []  # (caches, rows, length)
+        if self.caches is not None:
+            parts.append((self.caches, len(self.rows), self.caches[0].length))
+        parts += [(caches, 1, caches[0].length) for _, caches in joined]
+        B, L = sum(b for _, b, _ in parts), max(n for _, _, n in parts)
+        cap = L + min(MERGE_HEADROOM, max(0, self.block - L))
         merged = []
-        for old, new in zip(self.caches, caches):
-            k = torch.cat([_pad_left(old.k[:, :, :L_old], L), _pad_left(new.k[:, :, :L_new], L)])
-            v = torch.cat([_pad_left(old.v[:, :, :L_old], L), _pad_left(new.v[:, :, :L_new], L)])
-            c = KVCache(dtype=old.dtype)
+        for i, ref in enumerate(parts[0][0]):
+            k = ref.k.new_zeros(B, ref.k.size(1), cap, ref.k.size(3))
+            v = ref.v.new_zeros(B, ref.v.size(1), cap, ref.v.size(3))
+            r = 0
+            for caches, b, n in parts:
+                k[r:r + b, :, L - n:L] = caches[i].k[:, :, :n]
+                v[r:r + b, :, L - n:L] = caches[i].v[:, :, :n]
+                r += b
+            c = KVCache(dtype=ref.dtype)
             c.k, c.v, c.length = k, v, L
             merged.append(c)
-        m_old = torch.cat([torch.zeros(self.mask.size(0), L - L_old, dtype=torch.long), self.mask], 1)
-        m_new = torch.cat([torch.zeros(1, L - L_new, dtype=torch.long), torch.ones(1, L_new, dtype=torch.long)], 1)
-        self.caches, self.mask = merged, torch.cat([m_old, m_new])
-        self.rows.append(job)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        r = 0
+        for part, (_, b, n) in enumerate(parts):
+            mask[r:r + b, L - n:] = self.mask if part == 0 and self.caches is not None else 1
+            r += b
+        self.caches, self.mask = merged, mask
+        self.rows += [job for job, _ in joined]
         self.max_rows_seen = max(self.max_rows_seen, len(self.rows))
 
     # ------------------------------------------------------------------ one decoding step for the batch
@@ -263,9 +275,9 @@ class BatchEngine:
         mask = self.mask.index_select(0, idx)
         first = int(mask.any(0).long().argmax())  # leading columns that are padding in every row go
         L = self.caches[0].length
-        for c in self.caches:
-            c.k = c.k[:, :, first:L].index_select(0, idx)
-            c.v = c.v[:, :, first:L].index_select(0, idx)
+        for c in self.caches:  # the room after L is kept, so the next steps still append in place
+            c.k = c.k[:, :, first:].index_select(0, idx)
+            c.v = c.v[:, :, first:].index_select(0, idx)
             c.length = L - first
         self.mask = mask[:, first:]
         self.rows = [self.rows[i] for i in keep]
@@ -332,11 +344,3 @@ class BatchEngine:
             job.tokens = list(job._all)
             self._report(job, len(job.text))
         job.done.set()
-
-
-def _pad_left(x: torch.Tensor, L: int) -> torch.Tensor:
-    """(B, nh, t, hs) -> (B, nh, L, hs) with zeros on the left."""
-    t = x.size(2)
-    if t == L:
-        return x
-    return torch.cat([x.new_zeros(x.size(0), x.size(1), L - t, x.size(3)), x], 2)
