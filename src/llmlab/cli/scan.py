@@ -25,7 +25,7 @@ from llmlab.security.scan.scanner import DEFAULT_DEFENCES, SCAN_SYSTEM, ScanConf
 from llmlab.security.targets import parse_target
 
 # a full scan of SmolLM2 (every family, every defence) in about 10 minutes on 2 quiet cores: --limit 10 took
-# 13.5 min (1,638 attempts, 2.0/s, 2026-12-02), so 7 per family (README: the scan's measured time)
+# 13.5 min (1,638 attempts, 2.0/s, 2026-12-02), so 7 per family: 8.6 min measured (README)
 DEFAULT_LIMIT = 7
 
 
