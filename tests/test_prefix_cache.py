@@ -128,6 +128,21 @@ def test_scan_target_with_a_prefix_cache_replies_as_without(trained: torch.nn.Mo
     assert cached_target.chat_many(reqs, max_tokens=12) == plain
     assert cached_target.chat_many(reqs[::-1], max_tokens=12) == plain[::-1]  # second call: from the cache
     assert cached_target.prefix_cache.stats()["hits"] >= 4
+    assert PrefixCache.for_model(trained, 0) is None
+
+
+def test_a_scan_report_records_what_the_prefix_cache_saved(trained: torch.nn.Module) -> None:
+    from llmlab.security.scan.probes import load_probes
+    from llmlab.security.scan.scanner import ScanConfig, run_scan
+
+    probes = load_probes(["direct_injection"])[:3]
+    cfg = ScanConfig(defences=("sandwich",), max_tokens=4, bootstrap=10, capability=False)
+    with_cache = run_scan(LlmlabChatTarget(trained, prefix_cache_mb=16), probes, cfg)
+    stats = with_cache.config["prefix_cache"]
+    assert stats["hits"] >= len(probes) and stats["tokens_saved"] > 0  # sandwich appends to the same request
+    without = run_scan(LlmlabChatTarget(trained), probes, cfg)
+    assert "prefix_cache" not in without.config
+    assert [a.response for a in with_cache.attempts] == [a.response for a in without.attempts]
 
 
 def test_server_with_a_prefix_cache_answers_a_growing_chat_as_without(trained: torch.nn.Module) -> None:

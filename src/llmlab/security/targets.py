@@ -271,8 +271,7 @@ class LlmlabChatTarget(BatchChatTarget):
             raise LlmlabError(f"{name} is not a decoder-only model with a tokenizer; scan a GPT run folder")
         self.model, self.name, self.path, self.batch_size = model.eval(), name, path, max(1, batch_size)
         self.model_name = name
-        self.prefix_cache = (PrefixCache(PrefixCache.tokens_for_memory(model, prefix_cache_mb))
-                             if prefix_cache_mb > 0 else None)
+        self.prefix_cache = PrefixCache.for_model(model, prefix_cache_mb)
 
     @classmethod
     def load(cls, path: str | Path, batch_size: int = 16, prefix_cache_mb: float = 0.0) -> LlmlabChatTarget:

@@ -325,9 +325,8 @@ def create_app(model: torch.nn.Module, name: str = "llmlab", api_key: str | None
     decoder = model.config.arch == "gpt"
     model.eval()
     tok = model.tokenizer
-    pcache = (PrefixCache(PrefixCache.tokens_for_memory(model, limits.prefix_cache_mb))
-              if decoder and limits.prefix_cache_mb > 0 else None)
-    engine = BatchEngine(model, limits.max_batch, threads, batching, prefix_cache=pcache) if decoder else None
+    engine = BatchEngine(model, limits.max_batch, threads, batching,
+                         prefix_cache=PrefixCache.for_model(model, limits.prefix_cache_mb)) if decoder else None
     embed_lock = threading.Lock()
     state = {"waiting": 0, "served": 0, "created": int(time.time())}
     block = model.config.block_size

@@ -217,28 +217,23 @@ class BatchEngine:
     def _merge(self, joined: list[tuple[Job, list[KVCache]]]) -> None:
         """Add the jobs that joined this step to the batch in one copy: every row right-aligned to the longest,
         zeros (masked) on the left, and room for MERGE_HEADROOM more tokens so the next steps append in place."""
-        parts: list[tuple[list[KVCache], int, int]] = []  # (caches, rows, length)
-        if self.caches is not None:
-            parts.append((self.caches, len(self.rows), self.caches[0].length))
-        parts += [(caches, 1, caches[0].length) for _, caches in joined]
-        B, L = sum(b for _, b, _ in parts), max(n for _, _, n in parts)
+        parts = [] if self.caches is None else [(self.caches, self.mask)]  # (caches, mask (rows, length))
+        parts += [(caches, torch.ones(1, caches[0].length, dtype=torch.long)) for _, caches in joined]
+        B, L = sum(m.size(0) for _, m in parts), max(m.size(1) for _, m in parts)
         cap = L + min(MERGE_HEADROOM, max(0, self.block - L))
-        merged = []
-        for i, ref in enumerate(parts[0][0]):
-            k = ref.k.new_zeros(B, ref.k.size(1), cap, ref.k.size(3))
-            v = ref.v.new_zeros(B, ref.v.size(1), cap, ref.v.size(3))
-            r = 0
-            for caches, b, n in parts:
-                k[r:r + b, :, L - n:L] = caches[i].k[:, :, :n]
-                v[r:r + b, :, L - n:L] = caches[i].v[:, :, :n]
-                r += b
-            c = KVCache(dtype=ref.dtype)
-            c.k, c.v, c.length = k, v, L
-            merged.append(c)
         mask = torch.zeros(B, L, dtype=torch.long)
+        merged = [KVCache(dtype=ref.dtype) for ref in parts[0][0]]
+        for c, ref in zip(merged, parts[0][0]):
+            c.k = ref.k.new_zeros(B, ref.k.size(1), cap, ref.k.size(3))
+            c.v = ref.v.new_zeros(B, ref.v.size(1), cap, ref.v.size(3))
+            c.length = L
         r = 0
-        for part, (_, b, n) in enumerate(parts):
-            mask[r:r + b, L - n:] = self.mask if part == 0 and self.caches is not None else 1
+        for caches, m in parts:
+            b, n = m.shape
+            mask[r:r + b, L - n:] = m
+            for c, part in zip(merged, caches):
+                c.k[r:r + b, :, L - n:L] = part.k[:, :, :n]
+                c.v[r:r + b, :, L - n:L] = part.v[:, :, :n]
             r += b
         self.caches, self.mask = merged, mask
         self.rows += [job for job, _ in joined]

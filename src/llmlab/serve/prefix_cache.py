@@ -43,6 +43,11 @@ class PrefixCache:
         per_token = c.n_layer * 2 * c.kv_heads * c.head_dim * 4
         return max(1, int(megabytes * 2**20 // per_token))
 
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, megabytes: float) -> PrefixCache | None:
+        """A cache holding up to `megabytes` of `model`'s keys and values, or None when megabytes is 0 (off)."""
+        return cls(cls.tokens_for_memory(model, megabytes)) if megabytes > 0 else None
+
     def lookup(self, prompt: Sequence[int]) -> tuple[int, list[KVCache] | None]:
         """(P, caches): fresh caches holding the keys and values of prompt[:P], the longest prefix shared with a
         stored prompt (P < len(prompt), so the last prompt token is always computed: its logits give the first
